@@ -8,11 +8,10 @@ single-process HF result.
 """
 
 import argparse
-import functools
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state, tensor_parallel
+from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -20,8 +19,9 @@ from megatron_ovr.config import ParallelConfig
 from megatron_ovr.distributed import init_distributed, shutdown_distributed
 from megatron_ovr.mapping import export_hf_weights, load_hf_weights
 from megatron_ovr.models.qwen2_5_vl import reference
+from megatron_ovr.models.qwen2_5_vl.inference import forward_logits
 from megatron_ovr.models.qwen2_5_vl.model import build_model_chunks
-from megatron_ovr.parallel.context_parallel import gather_from_context_parallel, split_for_context_parallel
+from megatron_ovr.parallel.context_parallel import split_for_context_parallel
 from tiny_configs import layout_config
 
 # Two rows, text and images of different sizes, right padding; length a multiple of 2 * cp * tp.
@@ -63,20 +63,14 @@ def run(args) -> None:
         for i in range(first_row, first_row + rows_per_dp, rows_per_mb)
     ]
     cp_rank = parallel_state.get_context_parallel_rank()
-    logits_parts, loss_parts = [], []
+    logits_parts = [forward_logits(chunks, mb, PAD_TO) for mb, _ in microbatches]
+    loss_parts = []
 
-    def forward_step(data_iterator, module, with_labels):
+    def forward_step(data_iterator, module):
         mb, mb_labels = next(data_iterator)
-        output = module(
-            mb.input_ids, mb.position_ids, mb.segment_ids, mb.pixel_values, mb.image_grid_thw,
-            labels=mb_labels if with_labels else None,
-        )
+        output = module(mb.input_ids, mb.position_ids, mb.segment_ids, mb.pixel_values, mb.image_grid_thw, labels=mb_labels)
 
         def loss_func(output_tensor):
-            if not with_labels:
-                logits = tensor_parallel.gather_from_tensor_model_parallel_region(output_tensor)
-                logits_parts.append(gather_from_context_parallel(logits, 1, parallel_state.get_context_parallel_group()))
-                return output_tensor.sum() * 0, {}
             # Each rank returns its part of the full-batch token mean. megatron's DDP sums gradients over
             # context-parallel ranks but averages over data-parallel ones, and the schedule divides each
             # micro-batch loss by the number of micro-batches: undo both averages.
@@ -87,22 +81,15 @@ def run(args) -> None:
 
         return output, loss_func
 
-    def run_schedule(with_labels):
-        forward_backward = get_forward_backward_func()
-        forward_backward(
-            forward_step_func=functools.partial(forward_step, with_labels=with_labels),
-            data_iterator=[iter(microbatches) for _ in model],
-            model=model,
-            num_microbatches=len(microbatches),
-            seq_length=PAD_TO,
-            micro_batch_size=rows_per_mb,
-            forward_only=not with_labels,
-        )
-
-    run_schedule(with_labels=False)
-    for m in model:
-        m.zero_grad_buffer()
-    run_schedule(with_labels=True)
+    get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=[iter(microbatches) for _ in model],
+        model=model,
+        num_microbatches=len(microbatches),
+        seq_length=PAD_TO,
+        micro_batch_size=rows_per_mb,
+        forward_only=False,
+    )
 
     grads = dict(export_hf_weights(chunks, cfg, tensor_of=lambda p: p.main_grad))
     weights = dict(export_hf_weights(chunks, cfg))
