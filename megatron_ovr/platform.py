@@ -76,6 +76,10 @@ class _CudaToCpu(TorchFunctionMode):
     """
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            # Megatron's optimizers accept parameters only if their type() names a CUDA tensor
+            # (optimizer.Float16OptimizerWithFloat16Params, distrib_optimizer, clip_grads).
+            return func(*args).replace("torch.", "torch.cuda.", 1)
         kwargs = dict(kwargs or {})
         if "device" in kwargs and _is_cuda_device(kwargs["device"]):
             kwargs["device"] = "cpu"

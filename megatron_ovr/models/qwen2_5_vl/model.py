@@ -88,10 +88,18 @@ def merger_transformer_config(cfg: Qwen25VLConfig, parallel: ParallelConfig, dty
 
 
 def language_transformer_config(
-    cfg: Qwen25VLConfig, parallel: ParallelConfig, dtype: torch.dtype, fp8: Optional[str] = None
+    cfg: Qwen25VLConfig,
+    parallel: ParallelConfig,
+    dtype: torch.dtype,
+    fp8: Optional[str] = None,
+    recompute: bool = False,
 ) -> TransformerConfig:
-    """``fp8`` ("e4m3" or "hybrid") runs the decoder's GEMMs in FP8 through Transformer Engine."""
+    """``fp8`` ("e4m3" or "hybrid") runs the decoder's GEMMs in FP8 through Transformer Engine;
+    ``recompute`` recomputes every decoder layer's activations in backward instead of storing them."""
     text = cfg.text
+    recompute_kwargs = (
+        dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1) if recompute else {}
+    )
     return TransformerConfig(
         num_layers=text.num_layers,
         hidden_size=text.hidden_size,
@@ -112,6 +120,7 @@ def language_transformer_config(
         # the previous and next stage are the same rank (PP=2): unbatched p2p is exact there.
         batch_p2p_comm=platform.HAVE_CUDA,
         fp8=fp8,
+        **recompute_kwargs,
         **_common_transformer_kwargs(parallel, dtype),
     )
 
@@ -213,6 +222,7 @@ class Qwen25VLModel(MegatronModule):
         dtype: torch.dtype = torch.float32,
         backend: Optional[str] = None,
         fp8: Optional[str] = None,
+        recompute: bool = False,
         pre_process: bool = True,
         post_process: bool = True,
         vp_stage: Optional[int] = None,
@@ -221,7 +231,7 @@ class Qwen25VLModel(MegatronModule):
         backend = specs.resolve_backend(backend)
         if fp8 is not None and backend != "te":
             raise ValueError(f"fp8={fp8!r} needs the Transformer Engine layer spec (backend 'te'), not {backend!r}")
-        lm_config = language_transformer_config(cfg, parallel, dtype, fp8)
+        lm_config = language_transformer_config(cfg, parallel, dtype, fp8, recompute)
         super().__init__(config=lm_config)
         self.cfg = cfg
         self.parallel = parallel
@@ -294,6 +304,7 @@ def build_model_chunks(
     dtype: torch.dtype = torch.float32,
     backend: Optional[str] = None,
     fp8: Optional[str] = None,
+    recompute: bool = False,
 ) -> list[Qwen25VLModel]:
     """This rank's model chunks (one, or ``virtual_pipeline`` of them), after ``parallel_state`` is set up."""
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
@@ -310,7 +321,8 @@ def build_model_chunks(
         last = pp_rank == pp_size - 1 and vp_stage == (parallel.virtual_pipeline or 1) - 1
         chunks.append(
             Qwen25VLModel(
-                cfg, parallel, dtype=dtype, backend=backend, fp8=fp8, pre_process=first, post_process=last, vp_stage=vp
+                cfg, parallel, dtype=dtype, backend=backend, fp8=fp8, recompute=recompute,
+                pre_process=first, post_process=last, vp_stage=vp,
             )
         )
     return chunks

@@ -1,0 +1,42 @@
+"""Every example YAML loads into its config dataclass and spells out every field (the YAML mirrors the
+dataclasses), and a typo is an error naming the key."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from megatron_ovr.config.io import from_dict, to_dict
+from megatron_ovr.config.sft import SFTConfig
+
+EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples" / "cold_start").glob("*.yaml"))
+
+
+def _keys(tree, prefix=""):
+    keys = set()
+    for key, value in tree.items():
+        keys.add(prefix + key)
+        if isinstance(value, dict):
+            keys |= _keys(value, f"{prefix}{key}.")
+    return keys
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_example_mirrors_the_dataclasses(path):
+    raw = yaml.safe_load(path.read_text())
+    cfg = from_dict(SFTConfig, raw)
+    assert _keys(raw) == _keys(to_dict(cfg))
+
+
+def test_unknown_key_is_named():
+    raw = yaml.safe_load(EXAMPLES[0].read_text())
+    raw["optimizer"]["learning_rate"] = 1.0
+    with pytest.raises(ValueError, match=r"optimizer\.learning_rate"):
+        from_dict(SFTConfig, raw)
+
+
+def test_invalid_value_is_named():
+    raw = yaml.safe_load(EXAMPLES[0].read_text())
+    raw["optimizer"]["decay_style"] = "exponential"
+    with pytest.raises(ValueError, match="optimizer.decay_style='exponential'"):
+        from_dict(SFTConfig, raw)
