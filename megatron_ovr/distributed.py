@@ -48,6 +48,17 @@ def init_distributed(parallel: ParallelConfig, *, seed: int = 1234, timeout_s: i
     model_parallel_cuda_manual_seed(seed)
 
 
+def is_reporting_rank() -> bool:
+    """The one rank that holds full results (losses, logits) and reports them: last pipeline stage,
+    first tensor/context/data-parallel rank."""
+    return (
+        parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+        and parallel_state.get_tensor_model_parallel_rank() == 0
+        and parallel_state.get_context_parallel_rank() == 0
+        and parallel_state.get_data_parallel_rank() == 0
+    )
+
+
 def shutdown_distributed() -> None:
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()

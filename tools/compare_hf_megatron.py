@@ -25,7 +25,8 @@ from megatron.core import parallel_state
 from megatron_ovr import platform
 from megatron_ovr.checkpoint import HFCheckpoint
 from megatron_ovr.config import ParallelConfig, Qwen25VLConfig
-from megatron_ovr.distributed import init_distributed, shutdown_distributed
+from megatron_ovr.config.checks import DTYPES
+from megatron_ovr.distributed import init_distributed, is_reporting_rank, shutdown_distributed
 from megatron_ovr.mapping import load_hf_weights
 from megatron_ovr.mapping.stream import check_hf_names
 from megatron_ovr.models.qwen2_5_vl import reference
@@ -37,7 +38,6 @@ SAMPLES = {
     "text": [[40], [23]],
     "image": [[6, (1, 8, 12), 10], [17]],
 }
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -116,9 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     logits = forward_logits(chunks, batch, batch.input_ids.shape[1])
 
     failed = torch.zeros((), dtype=torch.int32, device=platform.default_device())
-    reporter = (parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
-                and parallel_state.get_context_parallel_rank() == 0 and parallel_state.get_data_parallel_rank() == 0)
-    if reporter:
+    if is_reporting_rank():
         stats = compare(logits, hf_reference_logits(args.hf_dir, dtype, batch), batch.attention_mask)
         layout = f"tp{args.tp} pp{args.pp} cp{args.cp} dp{parallel_state.get_data_parallel_world_size()}"
         layout += " sp" if args.sp else ""

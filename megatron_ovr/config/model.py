@@ -9,12 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
 
-
-def _require(cond: bool, field_name: str, value: Any, why: str) -> None:
-    if not cond:
-        raise ValueError(f"{field_name}={value!r}: {why}")
+from .checks import require
 
 
 @dataclass(kw_only=True)
@@ -42,14 +38,14 @@ class VisionConfig:
 
     def __post_init__(self) -> None:
         self.fullatt_block_indexes = tuple(int(i) for i in self.fullatt_block_indexes)
-        _require(self.hidden_size % self.num_heads == 0, "vision.hidden_size", self.hidden_size,
+        require(self.hidden_size % self.num_heads == 0, "vision.hidden_size", self.hidden_size,
                  f"must be divisible by vision.num_heads={self.num_heads}")
-        _require(all(0 <= i < self.depth for i in self.fullatt_block_indexes), "vision.fullatt_block_indexes",
+        require(all(0 <= i < self.depth for i in self.fullatt_block_indexes), "vision.fullatt_block_indexes",
                  self.fullatt_block_indexes, f"every index must lie in [0, depth={self.depth})")
         merged_window = self.window_size // self.spatial_merge_size // self.patch_size
-        _require(merged_window >= 1, "vision.window_size", self.window_size,
+        require(merged_window >= 1, "vision.window_size", self.window_size,
                  "must cover at least one merged token (spatial_merge_size * patch_size pixels)")
-        _require(self.hidden_act == "silu", "vision.hidden_act", self.hidden_act, "only silu is supported")
+        require(self.hidden_act == "silu", "vision.hidden_act", self.hidden_act, "only silu is supported")
 
     @property
     def head_dim(self) -> int:
@@ -84,13 +80,13 @@ class TextConfig:
 
     def __post_init__(self) -> None:
         self.mrope_section = tuple(int(i) for i in self.mrope_section)
-        _require(self.hidden_size % self.num_attention_heads == 0, "text.hidden_size", self.hidden_size,
+        require(self.hidden_size % self.num_attention_heads == 0, "text.hidden_size", self.hidden_size,
                  f"must be divisible by text.num_attention_heads={self.num_attention_heads}")
-        _require(self.num_attention_heads % self.num_key_value_heads == 0, "text.num_key_value_heads",
+        require(self.num_attention_heads % self.num_key_value_heads == 0, "text.num_key_value_heads",
                  self.num_key_value_heads, f"must divide text.num_attention_heads={self.num_attention_heads}")
-        _require(len(self.mrope_section) == 3 and sum(self.mrope_section) * 2 == self.head_dim,
+        require(len(self.mrope_section) == 3 and sum(self.mrope_section) * 2 == self.head_dim,
                  "text.mrope_section", self.mrope_section, f"must be 3 sections summing to head_dim/2={self.head_dim // 2}")
-        _require(self.hidden_act == "silu", "text.hidden_act", self.hidden_act, "only silu is supported")
+        require(self.hidden_act == "silu", "text.hidden_act", self.hidden_act, "only silu is supported")
 
     @property
     def head_dim(self) -> int:
@@ -115,10 +111,10 @@ class Qwen25VLConfig:
             self.vision = VisionConfig(**self.vision)
         if isinstance(self.text, dict):
             self.text = TextConfig(**self.text)
-        _require(self.vision.out_hidden_size == self.text.hidden_size, "vision.out_hidden_size",
+        require(self.vision.out_hidden_size == self.text.hidden_size, "vision.out_hidden_size",
                  self.vision.out_hidden_size, f"must equal text.hidden_size={self.text.hidden_size}")
         for name in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
-            _require(0 <= getattr(self, name) < self.text.vocab_size, name, getattr(self, name),
+            require(0 <= getattr(self, name) < self.text.vocab_size, name, getattr(self, name),
                      f"must be a token id below text.vocab_size={self.text.vocab_size}")
 
     def validate_parallel(self, tp: int) -> None:
@@ -133,7 +129,7 @@ class Qwen25VLConfig:
             "vision merger width (hidden_size * merge_unit)": self.vision.hidden_size * self.vision.merge_unit,
         }
         for name, value in checks.items():
-            _require(value % tp == 0, name, value, f"tensor-parallel size {tp} does not divide it")
+            require(value % tp == 0, name, value, f"tensor-parallel size {tp} does not divide it")
 
     # ---- HF config.json round trip -------------------------------------------------------------
 

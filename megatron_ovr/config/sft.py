@@ -7,15 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .checks import DTYPES, require
 from .parallel import ParallelConfig
-
-
-def _check(cond: bool, name: str, value, why: str) -> None:
-    if not cond:
-        raise ValueError(f"{name}={value!r}: {why}")
-
-
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass(kw_only=True)
@@ -33,9 +26,9 @@ class ModelSection:
     """Full activation recomputation of every decoder layer (memory for compute at long sequences)."""
 
     def __post_init__(self) -> None:
-        _check(self.preset is not None or self.hf_dir is not None, "model.preset", self.preset,
+        require(self.preset is not None or self.hf_dir is not None, "model.preset", self.preset,
                "set model.preset or model.hf_dir")
-        _check(self.dtype in DTYPES, "model.dtype", self.dtype, f"choose one of {DTYPES}")
+        require(self.dtype in DTYPES, "model.dtype", self.dtype, f"choose one of {sorted(DTYPES)}")
 
 
 @dataclass(kw_only=True)
@@ -50,10 +43,10 @@ class DataSection:
     seed: int = 1234
 
     def __post_init__(self) -> None:
-        _check(len(self.paths) > 0, "data.paths", self.paths, "give at least one tokenised dataset prefix")
-        _check(self.weights is None or len(self.weights) == len(self.paths), "data.weights", self.weights,
+        require(len(self.paths) > 0, "data.paths", self.paths, "give at least one tokenised dataset prefix")
+        require(self.weights is None or len(self.weights) == len(self.paths), "data.weights", self.weights,
                f"needs one weight per path ({len(self.paths)})")
-        _check(self.seq_length > 0, "data.seq_length", self.seq_length, "must be positive")
+        require(self.seq_length > 0, "data.seq_length", self.seq_length, "must be positive")
 
 
 @dataclass(kw_only=True)
@@ -63,7 +56,7 @@ class BatchSection:
     micro_batch_size: int = 1
 
     def __post_init__(self) -> None:
-        _check(self.global_batch_size % self.micro_batch_size == 0, "batch.global_batch_size",
+        require(self.global_batch_size % self.micro_batch_size == 0, "batch.global_batch_size",
                self.global_batch_size, f"must be a multiple of batch.micro_batch_size={self.micro_batch_size}")
 
 
@@ -83,8 +76,8 @@ class OptimizerSection:
 
     def __post_init__(self) -> None:
         styles = ("constant", "linear", "cosine")
-        _check(self.decay_style in styles, "optimizer.decay_style", self.decay_style, f"choose one of {styles}")
-        _check(self.lr > 0 and 0 <= self.min_lr <= self.lr, "optimizer.min_lr", self.min_lr, "needs 0 <= min_lr <= lr")
+        require(self.decay_style in styles, "optimizer.decay_style", self.decay_style, f"choose one of {styles}")
+        require(self.lr > 0 and 0 <= self.min_lr <= self.lr, "optimizer.min_lr", self.min_lr, "needs 0 <= min_lr <= lr")
 
 
 @dataclass(kw_only=True)
@@ -128,5 +121,5 @@ class SFTConfig:
 
     def __post_init__(self) -> None:
         policies = ("skip", "stop")
-        _check(self.nan_policy in policies, "nan_policy", self.nan_policy, f"choose one of {policies}")
-        _check(self.train_steps > 0, "train_steps", self.train_steps, "must be positive")
+        require(self.nan_policy in policies, "nan_policy", self.nan_policy, f"choose one of {policies}")
+        require(self.train_steps > 0, "train_steps", self.train_steps, "must be positive")

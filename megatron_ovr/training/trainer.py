@@ -17,8 +17,10 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron_ovr import platform
 from megatron_ovr.checkpoint import HFCheckpoint
 from megatron_ovr.config import Qwen25VLConfig, get_preset
+from megatron_ovr.config.checks import DTYPES
 from megatron_ovr.config.io import to_dict
 from megatron_ovr.config.sft import ModelSection, SFTConfig
+from megatron_ovr.distributed import is_reporting_rank
 from megatron_ovr.mapping import load_hf_weights
 from megatron_ovr.mapping.stream import check_hf_names
 from megatron_ovr.models.qwen2_5_vl.model import build_model_chunks
@@ -29,8 +31,6 @@ from .losses import masked_token_loss
 from .metrics import MetricsLogger
 from .optimizer import build_optimizer
 from .preemption import PreemptionHandler
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # Which parameters each freeze flag covers (by name prefix on Qwen25VLModel).
 _FREEZE_GROUPS = {
@@ -71,16 +71,6 @@ def wrap_ddp(chunks, distributed_optimizer: bool) -> list[DistributedDataParalle
     return model
 
 
-def _is_metrics_rank() -> bool:
-    """The rank that holds reduced losses: last pipeline stage, first TP/CP/DP rank."""
-    return (
-        parallel_state.is_pipeline_last_stage(ignore_virtual=True)
-        and parallel_state.get_tensor_model_parallel_rank() == 0
-        and parallel_state.get_context_parallel_rank() == 0
-        and parallel_state.get_data_parallel_rank() == 0
-    )
-
-
 @dataclass
 class StepResult:
     loss: float
@@ -106,7 +96,7 @@ class Trainer:
         self.skipped_steps = 0
         self.preemption = PreemptionHandler()
         self.metrics = MetricsLogger(
-            enabled=_is_metrics_rank(),
+            enabled=is_reporting_rank(),
             tensorboard_dir=cfg.logging.tensorboard_dir,
             wandb_project=cfg.logging.wandb_project,
             wandb_mode=cfg.logging.wandb_mode,

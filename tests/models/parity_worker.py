@@ -12,7 +12,6 @@ import argparse
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_ovr.config import ParallelConfig
@@ -22,6 +21,7 @@ from megatron_ovr.models.qwen2_5_vl import reference
 from megatron_ovr.models.qwen2_5_vl.inference import forward_logits
 from megatron_ovr.models.qwen2_5_vl.model import build_model_chunks
 from megatron_ovr.parallel.context_parallel import split_for_context_parallel
+from megatron_ovr.training.trainer import wrap_ddp
 from tiny_configs import layout_config
 
 # Two rows, text and images of different sizes, right padding; length a multiple of 2 * cp * tp.
@@ -45,11 +45,7 @@ def run(args) -> None:
     hf_weights = reference.hf_state_dict(reference.build_hf_model(cfg, seed=0))
     chunks = build_model_chunks(cfg, parallel)
     load_hf_weights(chunks, cfg, hf_weights.__getitem__)
-    ddp_config = DistributedDataParallelConfig(overlap_grad_reduce=False, use_distributed_optimizer=False)
-    model = [DistributedDataParallel(chunk.config, ddp_config, chunk) for chunk in chunks]
-    config = chunks[0].config
-    config.finalize_model_grads_func = finalize_model_grads
-    config.no_sync_func = [m.no_sync for m in model] if len(model) > 1 else model[0].no_sync
+    model = wrap_ddp(chunks, distributed_optimizer=False)
 
     batch, labels = parity_batch(cfg)
     num_tokens = batch.attention_mask.sum()
