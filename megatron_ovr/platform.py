@@ -47,6 +47,15 @@ def default_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if HAVE_CUDA else torch.device("cpu")
 
 
+def peak_memory_bytes() -> int:
+    """Peak GPU memory allocated by this process, or its peak resident set size on CPU."""
+    if HAVE_CUDA:
+        return torch.cuda.max_memory_allocated()
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
 def distributed_backend() -> str:
     return "nccl" if HAVE_CUDA else "gloo"
 

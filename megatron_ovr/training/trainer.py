@@ -27,6 +27,7 @@ from megatron_ovr.models.qwen2_5_vl.model import build_model_chunks
 from megatron_ovr.parallel.context_parallel import split_for_context_parallel
 
 from . import checkpointing
+from .flops import lm_training_flops_per_token, peak_flops
 from .losses import masked_token_loss
 from .metrics import MetricsLogger
 from .optimizer import build_optimizer
@@ -163,6 +164,22 @@ class Trainer:
 
     # ---- the loop ----------------------------------------------------------------------------------
 
+    def _step_metrics(self, result: StepResult, elapsed: float) -> dict[str, float]:
+        metrics = {
+            "loss": result.loss,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "grad_norm": float("nan") if result.grad_norm is None else float(result.grad_norm),
+            "tokens_per_s": result.tokens / elapsed,
+            "step_time_s": elapsed,
+            "mem_gb": platform.peak_memory_bytes() / 2**30,
+            "skipped_steps": self.skipped_steps,
+        }
+        peak = peak_flops(torch.cuda.get_device_name()) if platform.HAVE_CUDA else None
+        if peak is not None:
+            flops = result.tokens * lm_training_flops_per_token(self.model_cfg.text, self.cfg.data.seq_length)
+            metrics["mfu"] = flops / elapsed / (peak * dist.get_world_size())
+        return metrics
+
     def save(self) -> None:
         if not self.cfg.checkpoint.dir:
             return
@@ -188,14 +205,7 @@ class Trainer:
                 self.skipped_steps += 1
             elapsed = time.perf_counter() - start
             if self.step % cfg.logging.log_interval == 0 or not result.finite:
-                self.metrics.log(self.step, {
-                    "loss": result.loss,
-                    "lr": self.optimizer.param_groups[0]["lr"],
-                    "grad_norm": float("nan") if result.grad_norm is None else float(result.grad_norm),
-                    "tokens_per_s": result.tokens / elapsed,
-                    "step_time_s": elapsed,
-                    "skipped_steps": self.skipped_steps,
-                })
+                self.metrics.log(self.step, self._step_metrics(result, elapsed))
             preempted = self.preemption.should_stop()
             chunk_done = cfg.exit_after_steps is not None and self.step - first_step >= cfg.exit_after_steps
             interval = cfg.checkpoint.save_interval

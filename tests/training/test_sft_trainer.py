@@ -88,12 +88,13 @@ def test_loss_falls_and_writes_plot(tmp_path, data_prefix, hf_dir):
     assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
 
 
-# (name, processes, overrides): each must give the single-process loss curve.
+# (name, processes, overrides): each must give the single-process loss curve (activation recomputation too).
 LAYOUTS = [
     ("tp2", 2, ["parallel.tensor_parallel=2"]),
     ("pp2", 2, ["parallel.pipeline_parallel=2"]),
     ("dp2", 2, []),
     ("tp2_sp", 2, ["parallel.tensor_parallel=2", "parallel.sequence_parallel=true"]),
+    ("recompute", 1, ["model.recompute=true"]),
 ]
 
 
