@@ -123,3 +123,5 @@ class SFTConfig:
         policies = ("skip", "stop")
         require(self.nan_policy in policies, "nan_policy", self.nan_policy, f"choose one of {policies}")
         require(self.train_steps > 0, "train_steps", self.train_steps, "must be positive")
+        require(self.optimizer.warmup_steps < self.train_steps, "optimizer.warmup_steps", self.optimizer.warmup_steps,
+                f"must be below train_steps={self.train_steps}")

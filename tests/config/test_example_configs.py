@@ -40,3 +40,10 @@ def test_invalid_value_is_named():
     raw["optimizer"]["decay_style"] = "exponential"
     with pytest.raises(ValueError, match="optimizer.decay_style='exponential'"):
         from_dict(SFTConfig, raw)
+
+
+def test_cross_section_check_is_named():
+    raw = yaml.safe_load(EXAMPLES[0].read_text())
+    raw["train_steps"] = raw["optimizer"]["warmup_steps"]
+    with pytest.raises(ValueError, match="optimizer.warmup_steps=.*must be below train_steps"):
+        from_dict(SFTConfig, raw)

@@ -50,7 +50,7 @@ def write_config(tmp_path: Path, data_prefix: str, hf_dir: str, name: str = "run
         model=ModelSection(preset=None, hf_dir=hf_dir),
         data=DataSection(paths=[data_prefix], seq_length=128, packed=True, seed=7),
         batch=BatchSection(global_batch_size=4, micro_batch_size=2),
-        optimizer=OptimizerSection(lr=2e-3, min_lr=2e-4, warmup_steps=2, decay_style="cosine"),
+        optimizer=OptimizerSection(lr=2e-3, min_lr=2e-4, warmup_steps=top.pop("warmup_steps", 2), decay_style="cosine"),
         checkpoint=CheckpointSection(dir=str(run / "ckpt"), save_interval=top.pop("save_interval", 0)),
         logging=LoggingSection(metrics_path=str(run / "metrics.jsonl"), plot_path=str(run / "loss.png")),
         train_steps=top.pop("train_steps", 4),
@@ -181,3 +181,21 @@ def test_nan_step_stops_the_run(tmp_path, data_prefix, hf_dir):
     config = write_config(tmp_path, data_prefix, hf_dir, train_steps=4, nan_policy="stop")
     with pytest.raises(AssertionError, match="non-finite loss or gradient at step 2"):
         torchrun(WORKER, 1, "--config", str(config), "--nan-at-call", "2")
+
+
+def test_packed_and_unpacked_give_the_same_loss(tmp_path, hf_dir):
+    """The same 8 conversations as 1 packed row or 8 padded rows: the first step's loss (same weights,
+    same tokens) is the same, so packing changes throughput, not the objective."""
+    tokenizer = load_tokenizer(qwen_tokenizer_dir())
+    prefix = tmp_path / "eight"
+    samples = [tokenize_conversation(c["messages"], tokenizer) for c in generate_conversations(8, seed=3)]
+    assert sum(len(s.token_ids) for s in samples) <= 512  # they all fit in one packed row
+    write_indexed(prefix, samples, vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id)
+    losses = {}
+    for packed, rows, micro in ((True, 1, 1), (False, 8, 2)):
+        config = write_config(tmp_path, str(prefix), hf_dir, f"packed_{packed}", train_steps=1, warmup_steps=0)
+        torchrun(WORKER, 1, "--config", str(config), "--set", "data.seq_length=512", "--set", f"data.packed={packed}",
+                 "--set", f"batch.global_batch_size={rows}", "--set", f"batch.micro_batch_size={micro}")
+        [step] = history(config)
+        losses[packed] = step["loss"]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-6), losses
