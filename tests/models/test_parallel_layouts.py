@@ -64,4 +64,4 @@ def test_layout_matches_hf(name, nproc, args, hf_reference, tmp_path):
 
     assert ours["grads"].keys() == hf_reference["grads"].keys()
     for key, expected in hf_reference["grads"].items():
-        torch.testing.assert_close(ours["grads"][key], expected, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name} {key}: {m}")
+        torch.testing.assert_close(ours["grads"][key], expected, rtol=1e-4, atol=1e-6, msg=lambda m, key=key: f"{name} {key}: {m}")

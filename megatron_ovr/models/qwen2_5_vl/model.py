@@ -11,7 +11,6 @@ covers the local chunks: split loss masks with ``split_for_context_parallel`` to
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Optional
 
 import torch
