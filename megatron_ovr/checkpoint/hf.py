@@ -28,6 +28,12 @@ from safetensors.torch import save_file
 from megatron_ovr.config import Qwen25VLConfig
 from megatron_ovr.mapping.qwen2_5_vl import canonical_hf_name
 
+# Tokenizer and processor files a served or evaluated checkpoint needs next to the weights.
+AUXILIARY_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+    "added_tokens.json", "preprocessor_config.json", "chat_template.json", "chat_template.jinja",
+    "generation_config.json",
+)
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -113,9 +119,11 @@ def write_hf_checkpoint(
     *,
     max_shard_bytes: int = 2**30,
     dtype: Optional[torch.dtype] = None,
+    auxiliary_from: Optional[str | os.PathLike] = None,
 ) -> Path:
     """Writes a sharded HF checkpoint (on-disk tensor names) into ``out_dir``, which must not exist or be
-    empty. Returns ``out_dir``."""
+    empty. ``auxiliary_from``: a directory whose tokenizer/processor files (``AUXILIARY_FILES``) are copied
+    along (its generation config replaces the default one). Returns ``out_dir``."""
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise FileExistsError(f"{out_dir} already exists and is not an empty directory")
@@ -164,6 +172,10 @@ def write_hf_checkpoint(
         generation = {"bos_token_id": cfg.bos_token_id, "pad_token_id": cfg.bos_token_id,
                       "eos_token_id": [cfg.eos_token_id, cfg.bos_token_id]}
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        if auxiliary_from is not None:
+            for file_name in AUXILIARY_FILES:
+                if (Path(auxiliary_from) / file_name).is_file():
+                    shutil.copyfile(Path(auxiliary_from) / file_name, tmp / file_name)
         _apply_umask(tmp)
         if out_dir.exists():
             out_dir.rmdir()  # empty (checked above); a rename cannot replace it portably

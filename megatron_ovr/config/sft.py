@@ -17,6 +17,9 @@ class ModelSection:
     """A preset name (megatron_ovr.config.PRESETS), used when ``hf_dir`` is not set (random init)."""
     hf_dir: str | None = None
     """Start from this HF checkpoint directory (config and weights)."""
+    megatron_dir: str | None = None
+    """Start from the weights of this megatron checkpoint (tools/convert_hf_to_megatron.py output, or an
+    earlier run's checkpoint; its optimizer state is ignored), at any layout."""
     dtype: str = "float32"
     freeze_vision: bool = True
     """The linguistic cold start trains the language model only: vision tower and merger stay frozen."""
@@ -26,8 +29,10 @@ class ModelSection:
     """Full activation recomputation of every decoder layer (memory for compute at long sequences)."""
 
     def __post_init__(self) -> None:
-        require(self.preset is not None or self.hf_dir is not None, "model.preset", self.preset,
-               "set model.preset or model.hf_dir")
+        sources = [s for s in (self.hf_dir, self.megatron_dir) if s is not None]
+        require(len(sources) <= 1, "model.megatron_dir", self.megatron_dir, "set model.hf_dir or model.megatron_dir, not both")
+        require(self.preset is not None or sources, "model.preset", self.preset,
+               "set model.preset, model.hf_dir or model.megatron_dir")
         require(self.dtype in DTYPES, "model.dtype", self.dtype, f"choose one of {sorted(DTYPES)}")
 
 

@@ -45,6 +45,25 @@ def latest_step(root: str | Path) -> Optional[int]:
     return step
 
 
+def saved_extra(root: str | Path) -> dict[str, Any]:
+    """The caller's state saved with the latest iteration (step, config, ``model_config``, ...), read from
+    the common state only (no tensors)."""
+    step = latest_step(root)
+    if step is None:
+        raise FileNotFoundError(f"{root} holds no checkpoint (no '{LATEST}' pointer)")
+    return dist_checkpointing.load_common_state_dict(str(iteration_dir(root, step)))["extra"]
+
+
+def saved_model_config(root: str | Path):
+    """The Qwen2.5-VL config a checkpoint was saved with (the HF ``config.json`` layout is stored)."""
+    from megatron_ovr.config import Qwen25VLConfig
+
+    extra = saved_extra(root)
+    if "model_config" not in extra:
+        raise KeyError(f"checkpoint {root} does not record its model config ('model_config')")
+    return Qwen25VLConfig.from_hf_config(extra["model_config"])
+
+
 def _unwrap(model) -> list[torch.nn.Module]:
     return [getattr(m, "module", m) for m in model]
 
@@ -129,7 +148,7 @@ def load_checkpoint(root: str | Path, model, optimizer=None, scheduler=None, *, 
             if hasattr(inner, "_init_optimizer_states_with_dummy_values"):  # the distributed optimizer
                 inner._init_optimizer_states_with_dummy_values()
     state = _sharded_state(model, optimizer, is_loading=True)
-    saved_world = dist_checkpointing.load_common_state_dict(str(directory)).get("extra", {}).get("world_size")
+    saved_world = saved_extra(root).get("world_size")
     same_world = saved_world == dist.get_world_size()
     if restore_rng and same_world:
         state["rng"] = _rng_object(None)

@@ -42,14 +42,22 @@ _FREEZE_GROUPS = {
 
 
 def build_model(section: ModelSection, parallel) -> tuple[Qwen25VLConfig, list[torch.nn.Module]]:
-    """Model chunks for this rank, from an HF checkpoint or a preset (random init), with freezing applied."""
+    """Model chunks for this rank — from an HF checkpoint, a megatron checkpoint's weights, or a preset
+    (random init) — with freezing applied."""
     dtype = DTYPES[section.dtype]
     checkpoint = HFCheckpoint(section.hf_dir) if section.hf_dir else None
-    model_cfg = checkpoint.config if checkpoint else get_preset(section.preset)
+    if checkpoint is not None:
+        model_cfg = checkpoint.config
+    elif section.megatron_dir:
+        model_cfg = checkpointing.saved_model_config(section.megatron_dir)
+    else:
+        model_cfg = get_preset(section.preset)
     chunks = build_model_chunks(model_cfg, parallel, dtype=dtype, recompute=section.recompute)
     if checkpoint is not None:
         check_hf_names(model_cfg, checkpoint.names())
         load_hf_weights(chunks, model_cfg, checkpoint.get)
+    elif section.megatron_dir:
+        checkpointing.load_checkpoint(section.megatron_dir, chunks, restore_rng=False)
     frozen = tuple(p for flag, prefixes in _FREEZE_GROUPS.items() if getattr(section, flag) for p in prefixes)
     for chunk in chunks:
         for name, param in chunk.named_parameters():
@@ -188,6 +196,7 @@ class Trainer:
             "skipped_steps": self.skipped_steps,
             "data": self.data.state_dict(),
             "config": to_dict(self.cfg),
+            "model_config": self.model_cfg.to_hf_config(),
             "world_size": dist.get_world_size(),
         }
         checkpointing.save_checkpoint(self.cfg.checkpoint.dir, self.step, self.model, self.optimizer, self.scheduler, extra)

@@ -199,3 +199,13 @@ def test_packed_and_unpacked_give_the_same_loss(tmp_path, hf_dir):
         [step] = history(config)
         losses[packed] = step["loss"]
     assert losses[True] == pytest.approx(losses[False], rel=1e-6), losses
+
+
+def test_start_from_a_converted_megatron_checkpoint(tmp_path, data_prefix, hf_dir, single_process_losses):
+    """Weights converted to a megatron checkpoint at TP2 and read at TP1 train exactly like the HF start."""
+    megatron_dir = tmp_path / "megatron"
+    torchrun(REPO / "tools" / "convert_hf_to_megatron.py", 2, "--hf-dir", hf_dir, "--out", str(megatron_dir),
+             "--tp", "2", "--dtype", "float32")
+    config = write_config(tmp_path, data_prefix, hf_dir, "from_megatron", train_steps=3)
+    torchrun(WORKER, 1, "--config", str(config), "--set", "model.hf_dir=null", "--set", f"model.megatron_dir={megatron_dir}")
+    assert [h["loss"] for h in history(config)] == single_process_losses
