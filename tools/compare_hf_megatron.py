@@ -27,8 +27,6 @@ from megatron_ovr.checkpoint import HFCheckpoint
 from megatron_ovr.config import ParallelConfig, Qwen25VLConfig
 from megatron_ovr.config.checks import DTYPES
 from megatron_ovr.distributed import init_distributed, is_reporting_rank, shutdown_distributed
-from megatron_ovr.mapping import load_hf_weights
-from megatron_ovr.mapping.stream import check_hf_names
 from megatron_ovr.models.qwen2_5_vl import reference
 from megatron_ovr.models.qwen2_5_vl.inference import forward_logits
 from megatron_ovr.models.qwen2_5_vl.model import build_model_chunks
@@ -106,9 +104,8 @@ def main(argv: list[str] | None = None) -> int:
 
     ckpt = HFCheckpoint(args.hf_dir)
     cfg = ckpt.config
-    check_hf_names(cfg, ckpt.names())
     chunks = build_model_chunks(cfg, parallel, dtype=dtype)
-    load_hf_weights(chunks, cfg, ckpt.get)
+    ckpt.load_into(chunks)
     if args.perturb_megatron:
         perturb(chunks, args.perturb_megatron)
 

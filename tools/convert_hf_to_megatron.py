@@ -22,8 +22,6 @@ from megatron_ovr.checkpoint import HFCheckpoint
 from megatron_ovr.config import ParallelConfig
 from megatron_ovr.config.checks import DTYPES
 from megatron_ovr.distributed import init_distributed, shutdown_distributed
-from megatron_ovr.mapping import load_hf_weights
-from megatron_ovr.mapping.stream import check_hf_names
 from megatron_ovr.models.qwen2_5_vl.model import build_model_chunks
 from megatron_ovr.training.checkpointing import save_checkpoint
 
@@ -44,7 +42,6 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     ckpt = HFCheckpoint(args.hf_dir)
     cfg = ckpt.config
-    check_hf_names(cfg, ckpt.names())
     cfg.validate_parallel(args.tp)
     if (Path(args.out) / "latest").exists():
         raise FileExistsError(f"{args.out} already holds a megatron checkpoint")
@@ -53,7 +50,7 @@ def main(argv=None) -> int:
     if dist.get_rank() == 0:
         print(platform.describe_backends(), flush=True)
     chunks = build_model_chunks(cfg, parallel, dtype=DTYPES[args.dtype])
-    load_hf_weights(chunks, cfg, ckpt.get)
+    ckpt.load_into(chunks)
     extra = {"step": 0, "model_config": cfg.to_hf_config(), "source_hf_dir": str(Path(args.hf_dir).resolve()),
              "world_size": dist.get_world_size()}
     final = save_checkpoint(args.out, 0, chunks, None, None, extra)

@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 
 from megatron_ovr.config import Qwen25VLConfig
 from megatron_ovr.mapping.qwen2_5_vl import canonical_hf_name
+from megatron_ovr.mapping.stream import check_hf_names, load_hf_weights
 
 # Tokenizer and processor files a served or evaluated checkpoint needs next to the weights.
 AUXILIARY_FILES = (
@@ -81,6 +82,12 @@ class HFCheckpoint:
 
     def names(self) -> list[str]:
         return list(self._where)
+
+    def load_into(self, model_chunks) -> None:
+        """Checks that the tensor names are exactly the config's, then loads this rank's shards into the
+        megatron model chunks, one tensor at a time."""
+        check_hf_names(self.config, self.names())
+        load_hf_weights(model_chunks, self.config, self.get)
 
     def get(self, name: str) -> torch.Tensor:
         canonical = canonical_hf_name(name)

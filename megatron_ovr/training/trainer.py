@@ -21,8 +21,6 @@ from megatron_ovr.config.checks import DTYPES
 from megatron_ovr.config.io import to_dict
 from megatron_ovr.config.sft import ModelSection, SFTConfig
 from megatron_ovr.distributed import is_reporting_rank
-from megatron_ovr.mapping import load_hf_weights
-from megatron_ovr.mapping.stream import check_hf_names
 from megatron_ovr.models.qwen2_5_vl.model import build_model_chunks
 from megatron_ovr.parallel.context_parallel import split_for_context_parallel
 
@@ -54,8 +52,7 @@ def build_model(section: ModelSection, parallel) -> tuple[Qwen25VLConfig, list[t
         model_cfg = get_preset(section.preset)
     chunks = build_model_chunks(model_cfg, parallel, dtype=dtype, recompute=section.recompute)
     if checkpoint is not None:
-        check_hf_names(model_cfg, checkpoint.names())
-        load_hf_weights(chunks, model_cfg, checkpoint.get)
+        checkpoint.load_into(chunks)
     elif section.megatron_dir:
         checkpointing.load_checkpoint(section.megatron_dir, chunks, restore_rng=False)
     frozen = tuple(p for flag, prefixes in _FREEZE_GROUPS.items() if getattr(section, flag) for p in prefixes)

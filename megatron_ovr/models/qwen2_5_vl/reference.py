@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 import torch
 
 from megatron_ovr.config import Qwen25VLConfig
-from megatron_ovr.mapping.qwen2_5_vl import canonical_hf_name, hf_in_memory_name
+from megatron_ovr.mapping.qwen2_5_vl import canonical_hf_name
 
 from .positions import get_rope_index
 
@@ -37,12 +37,6 @@ def hf_state_dict(model) -> dict[str, torch.Tensor]:
 def hf_named_parameters(model):
     """``named_parameters`` under on-disk checkpoint names."""
     return [(canonical_hf_name(k), p) for k, p in model.named_parameters()]
-
-
-def load_hf_state_dict(model, tensors: dict[str, torch.Tensor]) -> None:
-    missing, unexpected = model.load_state_dict({hf_in_memory_name(k): v for k, v in tensors.items()}, strict=False)
-    if missing or unexpected:
-        raise KeyError(f"HF model state dict mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
 @dataclass
