@@ -19,7 +19,14 @@ def _sft(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"sft": (_sft, "Stage 1: linguistic cold-start SFT")}
+def _eval(args: argparse.Namespace) -> int:
+    from megatron_ovr.eval.commands import eval_main
+
+    return eval_main(["--config", args.config, *(f"--set={override}" for override in args.set)])
+
+
+COMMANDS = {"sft": (_sft, "Stage 1: linguistic cold-start SFT"),
+            "eval": (_eval, "Benchmark evaluation of an HF checkpoint (megatron_ovr/eval)")}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -55,7 +55,7 @@ def _clipped_lengths(lengths: np.ndarray, seq_length: int) -> np.ndarray:
     return np.minimum(lengths, seq_length)
 
 
-def _first_fit(sizes: Sequence[int], capacity: int) -> list[list[int]]:
+def first_fit(sizes: Sequence[int], capacity: int) -> list[list[int]]:
     """Positions of ``sizes`` grouped into bins of ``capacity``, each into the first bin with room.
 
     A max-tree over every bin's free space finds that bin in O(log n). Bins not opened yet are full of
@@ -90,7 +90,7 @@ def plan_packed_rows(lengths: np.ndarray, seq_length: int, seed: int, epoch: int
     """
     clipped = _clipped_lengths(lengths, seq_length)
     order = _epoch_order(clipped.size, seed, epoch)
-    return [order[positions] for positions in _first_fit(clipped[order].tolist(), seq_length)]
+    return [order[positions] for positions in first_fit(clipped[order].tolist(), seq_length)]
 
 
 def plan_unpacked_rows(lengths: np.ndarray, seq_length: int, seed: int, epoch: int) -> list[np.ndarray]:

@@ -38,7 +38,13 @@ def _layer_norm_names(backend: str) -> tuple[str, str]:
     return "input_layernorm.weight", "pre_mlp_layernorm.weight"
 
 
-def qwen2_5_vl_mappings(cfg: Qwen25VLConfig, backend: str = "torch") -> list[ParamMapping]:
+VALUE_HEAD_HF_NAME = "value_head.weight"
+"""Where a critic checkpoint keeps its value head: ``[1, hidden]``, no bias (no transformers class has one)."""
+
+
+def qwen2_5_vl_mappings(cfg: Qwen25VLConfig, backend: str = "torch", head: str = "lm") -> list[ParamMapping]:
+    """The table of the policy (``head="lm"``) or of the PPO critic (``head="value"``: the trunk, and the value
+    head where the LM output layer was)."""
     v, t = cfg.vision, cfg.text
     attn_norm, mlp_norm = _layer_norm_names(backend)
     vit, hv = "vision.decoder.layers.*.", "visual.blocks.*."
@@ -75,7 +81,9 @@ def qwen2_5_vl_mappings(cfg: Qwen25VLConfig, backend: str = "torch") -> list[Par
         RowParallel(lm + "mlp.linear_fc2.weight", (hl + "mlp.down_proj.weight",)),
         Replicated("language_model.decoder.final_layernorm.weight", ("model.norm.weight",)),
     ]
-    if t.tie_word_embeddings:
+    if head == "value":
+        table.append(Replicated("language_model.output_layer.weight", (VALUE_HEAD_HF_NAME,)))
+    elif t.tie_word_embeddings:
         # A pipeline's last stage keeps its own copy of the tied matrix; it is loaded, never exported.
         table.append(ColumnParallel("language_model.output_layer.weight", ("model.embed_tokens.weight",), export=False))
     else:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Optional, Sequence
+from typing import Callable, Collection, Iterable, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -74,9 +74,9 @@ def bind_parameters(model_chunks: Sequence[torch.nn.Module], table: Sequence[Par
     return bound
 
 
-def check_hf_names(cfg: Qwen25VLConfig, hf_names: Iterable[str], backend: str = "torch") -> None:
+def check_hf_names(cfg: Qwen25VLConfig, hf_names: Iterable[str], backend: str = "torch", head: str = "lm") -> None:
     """Raises naming every unknown and every missing HF tensor of a checkpoint."""
-    expected = set(expected_hf_names(cfg, qwen2_5_vl_mappings(cfg, backend)))
+    expected = set(expected_hf_names(cfg, qwen2_5_vl_mappings(cfg, backend, head)))
     given = {canonical_hf_name(n) for n in hf_names}
     if cfg.text.tie_word_embeddings:
         given.discard("lm_head.weight")  # some tied checkpoints store the duplicate anyway
@@ -88,8 +88,9 @@ def check_hf_names(cfg: Qwen25VLConfig, hf_names: Iterable[str], backend: str = 
         raise KeyError(f"HF checkpoint is missing tensor(s): {missing[:10]}" + (" ..." if len(missing) > 10 else ""))
 
 
-def _model_backend(model_chunks) -> str:
-    return getattr(model_chunks[0], "backend", "torch")
+def model_mappings(model_chunks, cfg: Qwen25VLConfig) -> list[ParamMapping]:
+    """The table of these chunks: their layer backend and head (policy or critic) decide it."""
+    return qwen2_5_vl_mappings(cfg, getattr(model_chunks[0], "backend", "torch"), getattr(model_chunks[0], "head", "lm"))
 
 
 @torch.no_grad()
@@ -97,12 +98,16 @@ def load_hf_weights(
     model_chunks: Sequence[torch.nn.Module],
     cfg: Qwen25VLConfig,
     get_hf_tensor: Callable[[str], torch.Tensor],
+    *,
+    keep: Collection[str] = (),
 ) -> None:
-    """Copies this rank's shard of every parameter from HF tensors (on-disk names) fetched one by one."""
-    backend = _model_backend(model_chunks)
+    """Copies this rank's shard of every parameter from HF tensors (on-disk names) fetched one by one.
+    Parameters whose HF names are in ``keep`` keep their current values (a fresh critic head)."""
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
-    for bound in bind_parameters(model_chunks, qwen2_5_vl_mappings(cfg, backend)):
+    for bound in bind_parameters(model_chunks, model_mappings(model_chunks, cfg)):
+        if set(bound.hf_names()) <= set(keep):
+            continue
         hf_tensors = [get_hf_tensor(n) for n in bound.hf_names()]
         shard = bound.entry.shard(bound.entry.hf_to_megatron(hf_tensors), tp_rank, tp_size)
         if shard.shape != bound.param.shape:
@@ -137,8 +142,8 @@ def export_hf_weights(
 
     ``tensor_of`` picks what to export from each parameter (the weight by default; a gradient in tests).
     """
-    backend = _model_backend(model_chunks)
-    local = [b for b in bind_parameters(model_chunks, qwen2_5_vl_mappings(cfg, backend)) if b.entry.export]
+    table = model_mappings(model_chunks, cfg)
+    local = [b for b in bind_parameters(model_chunks, table) if b.entry.export]
     by_name = {b.name: b for b in local}
     pp_size = parallel_state.get_pipeline_model_parallel_world_size()
     # Every stage learns which parameters the others own (uneven and virtual layouts included).
@@ -148,7 +153,7 @@ def export_hf_weights(
         dist.all_gather_object(manifests, manifest, group=parallel_state.get_pipeline_model_parallel_group())
     else:
         manifests = [manifest]
-    table = {e.megatron: e for e in qwen2_5_vl_mappings(cfg, backend)}
+    by_pattern = {e.megatron: e for e in table}
     pp_ranks = dist.get_process_group_ranks(parallel_state.get_pipeline_model_parallel_group()) if pp_size > 1 else None
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
 
@@ -159,7 +164,7 @@ def export_hf_weights(
                 full = _gather_tp(tensor_of(bound.param), bound.entry)
                 entry, layer = bound.entry, bound.layer
             else:
-                entry, layer = _lookup(table, name)
+                entry, layer = _lookup(by_pattern, name)
                 full_shape = list(shard_shape)
                 if entry.tp_dim is not None:
                     full_shape[entry.tp_dim] *= tp_size

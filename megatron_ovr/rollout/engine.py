@@ -77,3 +77,6 @@ class RolloutEngine(ABC):
     @abstractmethod
     def wake_up(self) -> None:
         """Undoes ``sleep`` before the next ``generate`` or ``update_weights``."""
+
+    def close(self) -> None:
+        """Releases the engine; call it before the trainer destroys its process groups."""

@@ -68,10 +68,15 @@ def _unwrap(model) -> list[torch.nn.Module]:
     return [getattr(m, "module", m) for m in model]
 
 
-def _model_state(chunks: Sequence[torch.nn.Module]) -> dict[str, Any]:
-    if len(chunks) == 1:
-        return {"model": chunks[0].sharded_state_dict()}
-    return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
+def _model_key(i: int, num_chunks: int) -> str:
+    return "model" if num_chunks == 1 else f"model{i}"
+
+
+def _model_state(chunks: Sequence[torch.nn.Module], skip: Sequence[str] = ()) -> dict[str, Any]:
+    return {
+        _model_key(i, len(chunks)): {k: v for k, v in chunk.sharded_state_dict().items() if k not in skip}
+        for i, chunk in enumerate(chunks)
+    }
 
 
 def _rng_state() -> dict[str, Any]:
@@ -98,8 +103,8 @@ def _rng_object(state: Optional[dict]) -> ShardedObject:
     return ShardedObject("rng_state", state, (dist.get_world_size(),), (dist.get_rank(),), replica_id=0)
 
 
-def _sharded_state(model, optimizer, is_loading: bool) -> dict[str, Any]:
-    state = _model_state(_unwrap(model))
+def _sharded_state(model, optimizer, is_loading: bool, skip_model_keys: Sequence[str] = ()) -> dict[str, Any]:
+    state = _model_state(_unwrap(model), skip_model_keys)
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading, metadata=OPTIMIZER_METADATA)
     return state
@@ -133,11 +138,22 @@ def save_checkpoint(root: str | Path, step: int, model, optimizer, scheduler, ex
     return final
 
 
-def load_checkpoint(root: str | Path, model, optimizer=None, scheduler=None, *, restore_rng: bool = True):
-    """Loads the latest iteration under ``root`` into the given objects (optimizer/scheduler optional, so a
-    training checkpoint also serves as weights). Returns the saved ``extra`` dict, or None if there is no
-    checkpoint. Without an optimizer any layout loads; with one, TP/PP must match the saving run's."""
-    step = latest_step(root)
+def load_checkpoint(
+    root: str | Path,
+    model,
+    optimizer=None,
+    scheduler=None,
+    *,
+    restore_rng: bool = True,
+    step: Optional[int] = None,
+    skip_model_keys: Sequence[str] = (),
+):
+    """Loads iteration ``step`` (default: the latest) under ``root`` into the given objects (optimizer and
+    scheduler optional, so a training checkpoint also serves as weights). ``skip_model_keys``: model keys
+    left as they are (a fresh critic head over a policy checkpoint). Returns the saved ``extra`` dict, or
+    None if there is no checkpoint. Without an optimizer any layout loads; with one, TP/PP must match the
+    saving run's."""
+    step = latest_step(root) if step is None else step
     if step is None:
         return None
     directory = iteration_dir(root, step)
@@ -147,17 +163,21 @@ def load_checkpoint(root: str | Path, model, optimizer=None, scheduler=None, *, 
         for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
             if hasattr(inner, "_init_optimizer_states_with_dummy_values"):  # the distributed optimizer
                 inner._init_optimizer_states_with_dummy_values()
-    state = _sharded_state(model, optimizer, is_loading=True)
+    if skip_model_keys and optimizer is not None:
+        raise ValueError("skip_model_keys loads weights only: pass no optimizer")
+    state = _sharded_state(model, optimizer, is_loading=True, skip_model_keys=skip_model_keys)
     saved_world = saved_extra(root).get("world_size")
     same_world = saved_world == dist.get_world_size()
     if restore_rng and same_world:
         state["rng"] = _rng_object(None)
     loaded = dist_checkpointing.load(state, str(directory))
-    if len(chunks) == 1:
-        chunks[0].load_state_dict(loaded["model"])
-    else:
-        for i, chunk in enumerate(chunks):
-            chunk.load_state_dict(loaded[f"model{i}"])
+    for i, chunk in enumerate(chunks):
+        missing, unexpected = chunk.load_state_dict(loaded[_model_key(i, len(chunks))], strict=False)
+        # Keys megatron never saves (e.g. TE's _extra_state) and the skipped ones may be missing.
+        missing = [k for k in missing if k not in skip_model_keys and not k.endswith("_extra_state")]
+        if missing or unexpected:
+            raise KeyError(f"checkpoint {directory} does not fit the model: missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]}")
     if optimizer is not None:
         with torch.no_grad():
             optimizer.load_state_dict(loaded["optimizer"])

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from megatron_ovr.data import collate, plan_packed_rows, plan_unpacked_rows
-from megatron_ovr.data.packing import _first_fit
+from megatron_ovr.data.packing import first_fit
 from megatron_ovr.models.qwen2_5_vl.positions import get_rope_index
 
 PAD = 99
@@ -36,7 +36,7 @@ def naive_first_fit(sizes, capacity):
 @pytest.mark.parametrize("n, capacity, seed", [(1, 10, 0), (7, 10, 1), (300, 256, 2), (513, 100, 3)])
 def test_first_fit_equals_a_plain_loop(n, capacity, seed):
     sizes = np.random.default_rng(seed).integers(1, capacity + 1, size=n).tolist()
-    assert _first_fit(sizes, capacity) == naive_first_fit(sizes, capacity)
+    assert first_fit(sizes, capacity) == naive_first_fit(sizes, capacity)
 
 
 def test_packed_plan_fits_covers_and_is_deterministic(caplog):

@@ -21,7 +21,7 @@ from megatron_ovr.models.qwen2_5_vl import reference
 from megatron_ovr.models.qwen2_5_vl.inference import forward_logits
 from megatron_ovr.models.qwen2_5_vl.model import build_model_chunks
 from megatron_ovr.parallel.context_parallel import split_for_context_parallel
-from megatron_ovr.training.trainer import wrap_ddp
+from megatron_ovr.training.core import wrap_ddp
 from tiny_configs import layout_config
 
 # Two rows, text and images of different sizes, right padding; length a multiple of 2 * cp * tp.

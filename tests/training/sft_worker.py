@@ -21,11 +21,11 @@ def main() -> None:
     cfg = load_yaml(SFTConfig, args.config, args.set)
     calls = itertools.count()
 
-    def loss_fn(loss_mask, per_token_loss):
-        total, count, report = masked_token_loss(loss_mask, per_token_loss)
+    def loss_fn(per_token, per_token_loss):
+        total, count, report = masked_token_loss(per_token, per_token_loss)
         if next(calls) == args.nan_at_call:
             total = total * torch.tensor(float("nan"))
-            report = {"lm loss": torch.stack([total.detach(), count.float()])}
+            report = {"loss": torch.stack([total.detach(), count.float()])}
         return total, count, report
 
     run_sft(cfg, loss_fn=loss_fn)

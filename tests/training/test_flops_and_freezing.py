@@ -6,7 +6,7 @@ import pytest
 from megatron_ovr.config import ParallelConfig, get_preset
 from megatron_ovr.config.sft import ModelSection
 from megatron_ovr.training.flops import lm_training_flops_per_token, peak_flops
-from megatron_ovr.training.trainer import build_model
+from megatron_ovr.training.core import build_model
 
 
 def test_flops_count_the_models_matmuls(single_rank_megatron):

@@ -7,6 +7,9 @@ pipeline stage. The model scatters image embeddings into ``<|image_pad|>`` slots
 context-parallel rank's load-balanced chunks (``parallel.context_parallel``) and, with sequence
 parallelism, this TP rank's slice. The output (logits ``[b, s/cp, V/tp]`` or per-token loss ``[b, s/cp]``)
 covers the local chunks: split loss masks with ``split_for_context_parallel`` to match.
+
+``head="value"`` builds the PPO critic: the same trunk with a scalar value head in place of the LM output
+layer; its output is per-token values ``[b, s/cp]``.
 """
 
 from __future__ import annotations
@@ -191,6 +194,36 @@ class Qwen25VisionModel(MegatronModule):
         return self.merger(merged)[layout.reverse_index.to(hidden.device)]
 
 
+class ValueHead(torch.nn.Module):
+    """The critic's head, in the place of GPTModel's output layer (so megatron's post-processing, pipeline
+    bookkeeping and checkpoint keys stay those of the LM): hidden ``[s, b, h]`` -> values ``[s, b, 1]``.
+    One ``[1, h]`` weight, no bias, replicated over TP; with sequence parallelism the hidden states are
+    gathered first (what the output layer would have done)."""
+
+    def __init__(self, config: TransformerConfig, dtype: torch.dtype):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.empty(1, config.hidden_size, dtype=dtype))
+        self.sequence_parallel = config.sequence_parallel
+
+    def forward(self, hidden: torch.Tensor, weight=None, runtime_gather_output=None):
+        if self.sequence_parallel:
+            hidden = tensor_parallel.gather_from_sequence_parallel_region(hidden)
+        return F.linear(hidden, self.weight), None
+
+
+def init_value_head(chunks, seed: int) -> None:
+    """ORZ's head init: ``nn.Linear``'s default, kaiming-uniform with a=sqrt(5), i.e. U(-1/sqrt(h), 1/sqrt(h)).
+    Seeded on its own so every TP rank (and a resumed run) draws the same head."""
+    for chunk in chunks:
+        head = getattr(chunk, "value_head", None)
+        if head is None:
+            continue
+        bound = 1.0 / head.weight.shape[1] ** 0.5
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            head.weight.copy_(torch.rand(head.weight.shape, generator=generator) * 2 * bound - bound)
+
+
 def scatter_image_embeddings(
     text_embeddings: torch.Tensor, input_ids: torch.Tensor, image_embeddings: torch.Tensor, image_token_id: int
 ) -> torch.Tensor:
@@ -222,11 +255,14 @@ class Qwen25VLModel(MegatronModule):
         backend: Optional[str] = None,
         fp8: Optional[str] = None,
         recompute: bool = False,
+        head: str = "lm",
         pre_process: bool = True,
         post_process: bool = True,
         vp_stage: Optional[int] = None,
     ):
         cfg.validate_parallel(parallel.tensor_parallel)
+        if head not in ("lm", "value"):
+            raise ValueError(f"head={head!r}: choose 'lm' (the policy) or 'value' (the PPO critic)")
         backend = specs.resolve_backend(backend)
         if fp8 is not None and backend != "te":
             raise ValueError(f"fp8={fp8!r} needs the Transformer Engine layer spec (backend 'te'), not {backend!r}")
@@ -235,6 +271,7 @@ class Qwen25VLModel(MegatronModule):
         self.cfg = cfg
         self.parallel = parallel
         self.backend = backend
+        self.head = head
         self.pre_process = pre_process
         self.post_process = post_process
         self.vision = Qwen25VisionModel(cfg, parallel, dtype, self.backend) if pre_process else None
@@ -245,13 +282,16 @@ class Qwen25VLModel(MegatronModule):
             max_sequence_length=cfg.text.max_position_embeddings,
             pre_process=pre_process,
             post_process=post_process,
-            share_embeddings_and_output_weights=cfg.text.tie_word_embeddings,
+            # The critic has no output embedding to tie.
+            share_embeddings_and_output_weights=cfg.text.tie_word_embeddings and head == "lm",
             position_embedding_type="mrope",
             rotary_base=cfg.text.rope_theta,
             # Image embeddings are scattered into the full sequence first; we split for CP/SP after.
             scatter_embedding_sequence_parallel=False,
             vp_stage=vp_stage,
         )
+        if head == "value" and post_process:
+            self.language_model.output_layer = ValueHead(lm_config, dtype)
         # megatron's schedules, DDP and finalize_model_grads look for these on the outermost module.
         self.model_type = self.language_model.model_type
         self.share_embeddings_and_output_weights = self.language_model.share_embeddings_and_output_weights
@@ -286,14 +326,19 @@ class Qwen25VLModel(MegatronModule):
                 embeddings = tensor_parallel.scatter_to_sequence_parallel_region(embeddings)
             decoder_input = embeddings
         if labels is not None:
+            if self.head == "value":
+                raise ValueError("the value model takes no labels: it returns per-token values")
             labels = split_for_context_parallel(labels, 1, cp_rank, cp_size)
-        return self.language_model(
+        output = self.language_model(
             input_ids=None,
             position_ids=position_ids,
             attention_mask=attention_mask,
             decoder_input=decoder_input,
             labels=labels,
         )
+        if self.head == "value" and self.post_process:
+            return output.squeeze(-1)  # [b, s/cp, 1] -> [b, s/cp]
+        return output
 
 
 def build_model_chunks(
@@ -304,8 +349,10 @@ def build_model_chunks(
     backend: Optional[str] = None,
     fp8: Optional[str] = None,
     recompute: bool = False,
+    head: str = "lm",
 ) -> list[Qwen25VLModel]:
-    """This rank's model chunks (one, or ``virtual_pipeline`` of them), after ``parallel_state`` is set up."""
+    """This rank's model chunks (one, or ``virtual_pipeline`` of them), after ``parallel_state`` is set up.
+    ``head``: "lm" (the policy) or "value" (the critic)."""
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     pp_size = parallel_state.get_pipeline_model_parallel_world_size()
     if cfg.text.num_layers % (pp_size * (parallel.virtual_pipeline or 1)) != 0:
@@ -320,7 +367,7 @@ def build_model_chunks(
         last = pp_rank == pp_size - 1 and vp_stage == (parallel.virtual_pipeline or 1) - 1
         chunks.append(
             Qwen25VLModel(
-                cfg, parallel, dtype=dtype, backend=backend, fp8=fp8, recompute=recompute,
+                cfg, parallel, dtype=dtype, backend=backend, fp8=fp8, recompute=recompute, head=head,
                 pre_process=first, post_process=last, vp_stage=vp,
             )
         )
