@@ -1,6 +1,7 @@
 """``megatron-ovr <command>``: the launch entry point (run it under torchrun for several processes).
 
     torchrun --nproc-per-node 2 -m megatron_ovr sft --config examples/cold_start/tiny.yaml
+    torchrun --nproc-per-node 2 -m megatron_ovr ppo --config examples/rl/tiny.yaml
     megatron-ovr sft --config FILE --set train_steps=20 --set parallel.tensor_parallel=2
 """
 
@@ -19,6 +20,15 @@ def _sft(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ppo(args: argparse.Namespace) -> int:
+    from megatron_ovr.config.io import load_yaml
+    from megatron_ovr.config.ppo import PPOConfig
+    from megatron_ovr.rl.driver import run_ppo
+
+    run_ppo(load_yaml(PPOConfig, args.config, args.set))
+    return 0
+
+
 def _eval(args: argparse.Namespace) -> int:
     from megatron_ovr.eval.commands import eval_main
 
@@ -26,6 +36,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"sft": (_sft, "Stage 1: linguistic cold-start SFT"),
+            "ppo": (_ppo, "Stage 2: multimodal PPO with vLLM rollouts (megatron_ovr/rl)"),
             "eval": (_eval, "Benchmark evaluation of an HF checkpoint (megatron_ovr/eval)")}
 
 

@@ -59,7 +59,26 @@ def is_reporting_rank() -> bool:
     )
 
 
+_REPLICA_GROUP = None
+
+
+def replica_group():
+    """The ranks that hold one data-parallel replica of the model (its TP x PP x CP ranks): they share a
+    micro-batch stream, so PPO gathers a replica's rollouts over this group. Built once, collectively."""
+    global _REPLICA_GROUP
+    if _REPLICA_GROUP is None:
+        dp_ranks: list = [None] * dist.get_world_size()
+        dist.all_gather_object(dp_ranks, parallel_state.get_data_parallel_rank())
+        for replica in sorted(set(dp_ranks)):
+            group = dist.new_group([r for r, d in enumerate(dp_ranks) if d == replica])
+            if replica == parallel_state.get_data_parallel_rank():
+                _REPLICA_GROUP = group
+    return _REPLICA_GROUP
+
+
 def shutdown_distributed() -> None:
+    global _REPLICA_GROUP
+    _REPLICA_GROUP = None
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():

@@ -14,6 +14,9 @@ in the cold-start format::
 
     The answer is \boxed{35}.
 
+``random_arithmetic_problem(rng)`` draws one problem of the same distribution (the RL text prompts of
+:mod:`.synthetic_visual` use it).
+
 The traces are short and templated and the numbers small, so a tiny model learns the format (and much of
 the arithmetic) within a few hundred steps: the SFT loss falls visibly.
 """
@@ -21,11 +24,12 @@ the arithmetic) within a few hundred steps: the SFT loss falls visibly.
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 from .sources import write_jsonl
 
-__all__ = ["generate_conversations", "write_synthetic_jsonl"]
+__all__ = ["ArithmeticProblem", "generate_conversations", "random_arithmetic_problem", "write_synthetic_jsonl"]
 
 _QUESTIONS = ("What is {expr}?", "Compute {expr}.", "Calculate {expr} step by step.")
 
@@ -44,12 +48,28 @@ def _two_steps(rng: random.Random) -> tuple[str, list[str], int]:
     return f"({a} + {b}) * {c}", [f"First, {a} + {b} = {total}.", f"Then, {total} * {c} = {total * c}."], total * c
 
 
-def _conversation(rng: random.Random) -> dict:
+@dataclass(frozen=True)
+class ArithmeticProblem:
+    """One word problem: ``expression`` identifies it (the wording of ``question`` varies), ``steps`` are the
+    reasoning trace's lines and ``answer`` the result."""
+
+    expression: str
+    question: str
+    steps: tuple[str, ...]
+    answer: int
+
+
+def random_arithmetic_problem(rng: random.Random) -> ArithmeticProblem:
+    """One problem drawn from ``rng``: the SFT conversations' and the RL text prompts' shared distribution."""
     expr, steps, answer = (_one_step if rng.random() < 0.5 else _two_steps)(rng)
-    question = rng.choice(_QUESTIONS).format(expr=expr)
-    trace = "\n".join(steps)
-    reply = f"<think>\n{trace}\n</think>\n\nThe answer is \\boxed{{{answer}}}."
-    return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": reply}]}
+    return ArithmeticProblem(expr, rng.choice(_QUESTIONS).format(expr=expr), tuple(steps), answer)
+
+
+def _conversation(rng: random.Random) -> dict:
+    problem = random_arithmetic_problem(rng)
+    trace = "\n".join(problem.steps)
+    reply = f"<think>\n{trace}\n</think>\n\nThe answer is \\boxed{{{problem.answer}}}."
+    return {"messages": [{"role": "user", "content": problem.question}, {"role": "assistant", "content": reply}]}
 
 
 def generate_conversations(n: int, seed: int) -> list[dict]:

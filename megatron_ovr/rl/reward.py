@@ -79,9 +79,14 @@ class RewardFunction(Protocol):
     def __call__(self, response: str, reference: str, *, truncated: bool = False) -> float: ...
 
     def score_batch(
-        self, responses: Sequence[str], references: Sequence[str], truncated: Sequence[bool]
+        self,
+        responses: Sequence[str],
+        references: Sequence[str],
+        truncated: Sequence[bool],
+        choices: Sequence[Sequence[str] | None] | None = None,
     ) -> list[float]:
-        """One score per response; the way to score a rollout (implementations amortise their overheads)."""
+        """One score per response; the way to score a rollout (implementations amortise their overheads).
+        ``choices[i]`` (optional) are the options of a multiple-choice question whose reference is a letter."""
         ...
 
     def close(self) -> None:
@@ -100,7 +105,11 @@ class _RewardBase(ABC):
 
     @abstractmethod
     def score_batch(
-        self, responses: Sequence[str], references: Sequence[str], truncated: Sequence[bool]
+        self,
+        responses: Sequence[str],
+        references: Sequence[str],
+        truncated: Sequence[bool],
+        choices: Sequence[Sequence[str] | None] | None = None,
     ) -> list[float]:
         ...
 
@@ -126,13 +135,18 @@ def _check_batch(
 class ExactMatchReward(_RewardBase):
     """1.0 iff the last boxed answer equals the reference up to whitespace and ``$`` delimiters.
 
-    A baseline that needs no worker; it also keeps the registry honest about being pluggable.
+    A baseline that needs no worker; it also keeps the registry honest about being pluggable. A
+    multiple-choice reference is its letter, so ``choices`` change nothing here.
     """
 
     def score_batch(
-        self, responses: Sequence[str], references: Sequence[str], truncated: Sequence[bool]
+        self,
+        responses: Sequence[str],
+        references: Sequence[str],
+        truncated: Sequence[bool],
+        choices: Sequence[Sequence[str] | None] | None = None,
     ) -> list[float]:
-        _check_batch(responses, references, truncated)
+        _check_batch(responses, references, truncated, choices)
         scores = []
         for response, reference, cut in zip(responses, references, truncated):
             answer = None if cut else extract_last_boxed(response)

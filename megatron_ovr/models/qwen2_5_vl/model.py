@@ -215,8 +215,8 @@ def init_value_head(chunks, seed: int) -> None:
     """ORZ's head init: ``nn.Linear``'s default, kaiming-uniform with a=sqrt(5), i.e. U(-1/sqrt(h), 1/sqrt(h)).
     Seeded on its own so every TP rank (and a resumed run) draws the same head."""
     for chunk in chunks:
-        head = getattr(chunk, "value_head", None)
-        if head is None:
+        head = getattr(chunk.language_model, "output_layer", None)
+        if not isinstance(head, ValueHead):
             continue
         bound = 1.0 / head.weight.shape[1] ** 0.5
         generator = torch.Generator().manual_seed(seed)
