@@ -7,9 +7,13 @@ import pytest
 import yaml
 
 from megatron_ovr.config.io import from_dict, to_dict
+from megatron_ovr.config.ppo import PPOConfig
 from megatron_ovr.config.sft import SFTConfig
 
-EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples" / "cold_start").glob("*.yaml"))
+ROOT = Path(__file__).resolve().parents[2] / "examples"
+EXAMPLES = sorted((ROOT / "cold_start").glob("*.yaml"))
+CONFIG_OF = {"cold_start": SFTConfig, "rl": PPOConfig}
+ALL_EXAMPLES = sorted(p for directory in CONFIG_OF for p in (ROOT / directory).glob("*.yaml"))
 
 
 def _keys(tree, prefix=""):
@@ -21,11 +25,18 @@ def _keys(tree, prefix=""):
     return keys
 
 
-@pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
+@pytest.mark.parametrize("path", ALL_EXAMPLES, ids=[f"{p.parent.name}/{p.name}" for p in ALL_EXAMPLES])
 def test_example_mirrors_the_dataclasses(path):
     raw = yaml.safe_load(path.read_text())
-    cfg = from_dict(SFTConfig, raw)
+    cfg = from_dict(CONFIG_OF[path.parent.name], raw)
     assert _keys(raw) == _keys(to_dict(cfg))
+
+
+def test_ppo_budget_check_is_named():
+    raw = yaml.safe_load((ROOT / "rl" / "tiny.yaml").read_text())
+    raw["algorithm"]["micro_batch_tokens"] = 64
+    with pytest.raises(ValueError, match="algorithm.micro_batch_tokens=64.*must hold the longest sample"):
+        from_dict(PPOConfig, raw)
 
 
 def test_unknown_key_is_named():
