@@ -43,7 +43,7 @@ from megatron_ovr.rollout.weight_sync import sync_weights
 from megatron_ovr.training import checkpointing
 from megatron_ovr.training.core import ModelTrainer
 from megatron_ovr.training.metrics import MetricsLogger
-from megatron_ovr.training.preemption import PreemptionHandler
+from megatron_ovr.training.preemption import SaveAndStopPolicy
 
 from . import algorithms
 from .experience import PackedBatch, Sample, pack_samples, split_into_minibatches, token_log_probs_and_entropy
@@ -148,13 +148,14 @@ class PPODriver:
         self.iteration = 0
         self._check_batch_shape()
         self.reward = build_reward(algo.reward, **algo.reward_options)
-        self.preemption = PreemptionHandler()
         self.metrics = MetricsLogger(
             enabled=is_reporting_rank(), tensorboard_dir=cfg.logging.tensorboard_dir,
             wandb_project=cfg.logging.wandb_project, wandb_mode=cfg.logging.wandb_mode,
             wandb_config=to_dict(cfg), jsonl_path=cfg.logging.metrics_path,
         )
         self._resume()
+        self.control = SaveAndStopPolicy(total=cfg.iterations, save_interval=cfg.checkpoint.save_interval,
+                                         exit_after=cfg.exit_after_iterations, first=self.iteration, unit="iteration")
         self._start_engine()
 
     # ---- set-up ------------------------------------------------------------------------------------
@@ -362,20 +363,11 @@ class PPODriver:
 
     def train(self) -> list[dict]:
         cfg = self.cfg
-        first = self.iteration
         while self.iteration < cfg.iterations:
             metrics = self.run_iteration()
             if self.iteration % cfg.logging.log_interval == 0:
                 self.metrics.log(self.iteration, metrics)
-            preempted = self.preemption.should_stop()
-            chunk_done = cfg.exit_after_iterations is not None and self.iteration - first >= cfg.exit_after_iterations
-            interval = cfg.checkpoint.save_interval
-            if preempted or chunk_done or (interval and self.iteration % interval == 0) or self.iteration == cfg.iterations:
-                self.save()
-            if preempted or chunk_done:
-                if dist.get_rank() == 0:
-                    why = "SIGTERM" if preempted else f"exit_after_iterations={cfg.exit_after_iterations}"
-                    print(f"megatron-ovr: {why}: saved iteration {self.iteration}, exiting", flush=True)
+            if self.control.after_step(self.iteration, self.save):
                 break
         if cfg.logging.plot_path:
             self.metrics.plot(cfg.logging.plot_path, keys=("reward/mean", "response_length/mean", "critic/loss"),

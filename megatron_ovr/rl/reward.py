@@ -26,7 +26,7 @@ import weakref
 from abc import ABC, abstractmethod
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
 logger = logging.getLogger(__name__)
 
@@ -73,32 +73,12 @@ def _braced_content(text: str, open_brace: int) -> str | None:
     return None
 
 
-class RewardFunction(Protocol):
-    """Scores responses against reference answers; the PPO driver and the evaluation harness use only this."""
-
-    def __call__(self, response: str, reference: str, *, truncated: bool = False) -> float: ...
-
-    def score_batch(
-        self,
-        responses: Sequence[str],
-        references: Sequence[str],
-        truncated: Sequence[bool],
-        choices: Sequence[Sequence[str] | None] | None = None,
-    ) -> list[float]:
-        """One score per response; the way to score a rollout (implementations amortise their overheads).
-        ``choices[i]`` (optional) are the options of a multiple-choice question whose reference is a letter."""
-        ...
-
-    def close(self) -> None:
-        """Release whatever the reward holds (worker processes); idempotent."""
-        ...
+_Reward = TypeVar("_Reward", bound="RewardFunction")
 
 
-_Reward = TypeVar("_Reward", bound="_RewardBase")
-
-
-class _RewardBase(ABC):
-    """Shared plumbing: single calls go through ``score_batch``; a context manager closes the reward."""
+class RewardFunction(ABC):
+    """Scores responses against reference answers; the PPO driver and the evaluation harness use only this.
+    Single calls go through ``score_batch``; a ``with`` block closes the reward."""
 
     def __call__(self, response: str, reference: str, *, truncated: bool = False) -> float:
         return self.score_batch([response], [reference], [truncated])[0]
@@ -111,10 +91,11 @@ class _RewardBase(ABC):
         truncated: Sequence[bool],
         choices: Sequence[Sequence[str] | None] | None = None,
     ) -> list[float]:
-        ...
+        """One score per response; the way to score a rollout (implementations amortise their overheads).
+        ``choices[i]`` (optional) are the options of a multiple-choice question whose reference is a letter."""
 
     def close(self) -> None:
-        pass
+        """Release whatever the reward holds (worker processes); idempotent."""
 
     def __enter__(self: _Reward) -> _Reward:
         return self
@@ -132,7 +113,7 @@ def _check_batch(
         raise ValueError(f"score_batch needs one of each per response, got {len(responses)} responses, {counts}")
 
 
-class ExactMatchReward(_RewardBase):
+class ExactMatchReward(RewardFunction):
     """1.0 iff the last boxed answer equals the reference up to whitespace and ``$`` delimiters.
 
     A baseline that needs no worker; it also keeps the registry honest about being pluggable. A
@@ -209,7 +190,7 @@ def _kill(process: subprocess.Popen, *connections: Connection) -> None:
     process.wait()
 
 
-class MathVerifyReward(_RewardBase):
+class MathVerifyReward(RewardFunction):
     """The OVR/ORZ correctness reward: 1.0 iff the last boxed answer is mathematically equivalent to the
     reference per math-verify, 0.0 if the response was truncated or has no (balanced) boxed answer.
 

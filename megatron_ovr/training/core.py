@@ -134,6 +134,18 @@ class ModelTrainer:
             batch.get("pixel_values"), batch.get("image_grid_thw"), labels=labels,
         )
 
+    def _schedule(self, forward_step, microbatches: list[dict], **kwargs):
+        """megatron's pipeline schedule over the micro-batches (one packed shape per call)."""
+        return get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=[iter(microbatches) for _ in self.model],
+            model=self.model,
+            num_microbatches=len(microbatches),
+            seq_length=microbatches[0]["tokens"].shape[1],
+            micro_batch_size=microbatches[0]["tokens"].shape[0],
+            **kwargs,
+        )
+
     def train_step(self, microbatches: list[dict], loss_fn: LossFn, loss_keys: Sequence[str]) -> StepResult:
         """One optimizer step over ``microbatches`` (this data-parallel rank's share of the global batch).
         ``loss_keys``: the per-token tensors of each micro-batch that ``loss_fn`` reads."""
@@ -146,15 +158,7 @@ class ModelTrainer:
             local = {key: _cp_slice(batch[key]) for key in loss_keys}
             return self._run_model(module, batch), lambda output: loss_fn(local, output)
 
-        reports = get_forward_backward_func()(
-            forward_step_func=forward_step,
-            data_iterator=[iter(microbatches) for _ in self.model],
-            model=self.model,
-            num_microbatches=len(microbatches),
-            seq_length=microbatches[0]["tokens"].shape[1],
-            micro_batch_size=microbatches[0]["tokens"].shape[0],
-            forward_only=False,
-        )
+        reports = self._schedule(forward_step, microbatches, forward_only=False)
         names = sorted(reports[0]) if reports else []
         # Per metric [sum, count], then the step's tokens, summed over micro-batches and data/context-parallel
         # ranks (the last stage has them; the other stages contribute zeros through the model-parallel sum).
@@ -221,16 +225,8 @@ class ModelTrainer:
                 lambda output, non_loss_data=True: reduce_output(output, local)
             )
 
-        outputs = get_forward_backward_func()(
-            forward_step_func=forward_step,
-            data_iterator=[iter(microbatches) for _ in self.model],
-            model=self.model,
-            num_microbatches=len(microbatches),
-            seq_length=microbatches[0]["tokens"].shape[1],
-            micro_batch_size=microbatches[0]["tokens"].shape[0],
-            forward_only=True,
-            collect_non_loss_data=True,
-        )
+        # megatron's inference path: the schedule hands back what the "loss" function returns.
+        outputs = self._schedule(forward_step, microbatches, forward_only=True, collect_non_loss_data=True)
         results = []
         for i, batch in enumerate(microbatches):
             full = torch.empty((num_outputs, *batch["tokens"].shape), dtype=torch.float32,

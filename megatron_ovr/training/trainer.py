@@ -20,7 +20,7 @@ from .core import ModelTrainer, StepResult
 from .flops import lm_training_flops_per_token, peak_flops
 from .losses import masked_token_loss
 from .metrics import MetricsLogger
-from .preemption import PreemptionHandler
+from .preemption import SaveAndStopPolicy
 
 
 class Trainer:
@@ -36,7 +36,6 @@ class Trainer:
         self.data = data_loader
         self.step = 0
         self.skipped_steps = 0
-        self.preemption = PreemptionHandler()
         self.metrics = MetricsLogger(
             enabled=is_reporting_rank(),
             tensorboard_dir=cfg.logging.tensorboard_dir,
@@ -54,6 +53,8 @@ class Trainer:
             if dist.get_rank() == 0:
                 print(f"megatron-ovr: resumed from {resume_dir} at step {self.step}", flush=True)
         self._batches = iter(self.data)
+        self.control = SaveAndStopPolicy(total=cfg.train_steps, save_interval=cfg.checkpoint.save_interval,
+                                         exit_after=cfg.exit_after_steps, first=self.step, unit="step")
 
     def train_step(self, microbatches: list[dict]) -> StepResult:
         return self.core.train_step(microbatches, self.loss_fn, loss_keys=("loss_mask",))
@@ -87,7 +88,6 @@ class Trainer:
 
     def train(self) -> list[dict]:
         cfg = self.cfg
-        first_step = self.step
         while self.step < cfg.train_steps:
             start = time.perf_counter()
             result = self.train_step(next(self._batches))
@@ -99,15 +99,7 @@ class Trainer:
             elapsed = time.perf_counter() - start
             if self.step % cfg.logging.log_interval == 0 or not result.finite:
                 self.metrics.log(self.step, self._step_metrics(result, elapsed))
-            preempted = self.preemption.should_stop()
-            chunk_done = cfg.exit_after_steps is not None and self.step - first_step >= cfg.exit_after_steps
-            interval = cfg.checkpoint.save_interval
-            if preempted or chunk_done or (interval and self.step % interval == 0) or self.step == cfg.train_steps:
-                self.save()
-            if preempted or chunk_done:
-                if dist.get_rank() == 0:
-                    why = "SIGTERM" if preempted else f"exit_after_steps={cfg.exit_after_steps}"
-                    print(f"megatron-ovr: {why}: saved step {self.step}, exiting", flush=True)
+            if self.control.after_step(self.step, self.save):
                 break
         if cfg.logging.plot_path:
             self.metrics.plot(cfg.logging.plot_path, keys=("loss", "lr", "grad_norm"), title="cold-start SFT")
