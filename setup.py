@@ -28,6 +28,8 @@ setup(
     extras_require={
         "gpu": ["transformer-engine[pytorch]>=2.8", "vllm>=0.11"],
         "parquet": ["pyarrow"],
+        # SentencePiece tokenizer specs (megatron_ovr/data/tokenizer.py; protobuf reads the model proto).
+        "sentencepiece": ["sentencepiece>=0.2", "protobuf"],
         "test": ["pytest>=8", "pytest-timeout"],
     },
 )

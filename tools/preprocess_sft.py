@@ -3,6 +3,7 @@
     python tools/preprocess_sft.py --input data/a.jsonl data/b.parquet --tokenizer /models/Qwen2.5-VL-7B-Instruct \\
         --output data/sft/train --workers 8
     python tools/preprocess_sft.py --synthetic 2000 --seed 0 --tokenizer DIR --output outputs/sft/synthetic
+    python tools/preprocess_sft.py --input data/a.jsonl --tokenizer my_lm.model --output data/sft/train  # SentencePiece
 
 Each input is JSONL (one {"messages": [...]} per line) or Parquet (a `messages` column). Conversations are
 rendered with the Qwen2-VL chat template, loss-masked to the assistant turns, and tokenised in a pool of
@@ -33,9 +34,9 @@ SHOWN_REASONS = 5
 _worker_tokenizer: Optional[Tokenizer] = None
 
 
-def _init_worker(tokenizer_dir: str) -> None:
+def _init_worker(tokenizer_spec: str) -> None:
     global _worker_tokenizer
-    _worker_tokenizer = load_tokenizer(tokenizer_dir)
+    _worker_tokenizer = load_tokenizer(tokenizer_spec)
 
 
 def _tokenize(record: Union[Conversation, MalformedSample]) -> Union[TokenizedSample, MalformedSample]:
@@ -57,13 +58,13 @@ def _synthetic(n: int, seed: int) -> Iterator[Conversation]:
         yield Conversation(messages=sample["messages"], images=(), source=f"synthetic(seed={seed})", line=line)
 
 
-def _tokenized(records: Iterable, tokenizer_dir: str, workers: int) -> Iterator:
+def _tokenized(records: Iterable, tokenizer_spec: str, workers: int) -> Iterator:
     if workers == 1:
-        _init_worker(tokenizer_dir)
+        _init_worker(tokenizer_spec)
         yield from map(_tokenize, records)
         return
     # imap keeps the input order, so the output does not depend on --workers.
-    with multiprocessing.Pool(workers, initializer=_init_worker, initargs=(tokenizer_dir,)) as pool:
+    with multiprocessing.Pool(workers, initializer=_init_worker, initargs=(tokenizer_spec,)) as pool:
         yield from pool.imap(_tokenize, records, chunksize=64)
 
 
@@ -112,7 +113,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     source.add_argument("--synthetic", type=int, metavar="N",
                         help="generate N synthetic arithmetic reasoning conversations instead (for the demo)")
     parser.add_argument("--seed", type=int, default=0, help="seed of --synthetic (default: 0)")
-    parser.add_argument("--tokenizer", required=True, metavar="DIR", help="HF tokenizer directory (tokenizer.json)")
+    parser.add_argument("--tokenizer", required=True, metavar="SPEC",
+                        help="HF tokenizer directory (tokenizer.json; Qwen) or a SentencePiece .model file with the "
+                             "chat template's special tokens as user-defined symbols (megatron_ovr/data/tokenizer.py)")
     parser.add_argument("--output", required=True, metavar="PREFIX", help="output prefix, e.g. data/sft/train")
     parser.add_argument("--workers", type=int, default=1, help="tokenising processes (default: 1)")
     parser.add_argument("--strict", action="store_true", help="stop at the first malformed sample instead of skipping")
