@@ -22,8 +22,8 @@ from megatron_ovr.mapping.stream import export_hf_weights
 from .engine import RolloutEngine
 
 _ALIGN_BYTES = 16
-_CHECKSUM_CHUNK_WORDS = 1 << 24
-_CHECKSUM_MODULUS = 65521  # position weights cycle with a prime period, so swapped words change the sum
+_CHECKSUM_BLOCK_BYTES = 8 * 1024
+_CHECKSUM_MODULUS = 65521  # block weights cycle with a prime period
 
 
 @dataclass(frozen=True)
@@ -46,18 +46,18 @@ class WeightBucket:
 
 
 def bucket_checksum(buffer: torch.Tensor) -> int:
-    """A position-weighted sum of the buffer's 32-bit words (integer arithmetic, so exact and independent of
-    summation order), computed where the buffer lives: no copy to the host on GPU."""
+    """A position-weighted sum of the buffer's 64-bit words, in integer arithmetic (exact, wrapping, independent
+    of summation order), computed where the buffer lives: no copy to the host on GPU. Words are weighted by
+    their place in a block and blocks by their index, so a swap of two words changes the sum, and the only
+    index tensor is one block long."""
     padded = buffer
-    if buffer.numel() % 4:
-        padded = torch.cat([buffer, buffer.new_zeros(4 - buffer.numel() % 4)])
-    words = padded.view(torch.int32)
-    total = torch.zeros((), dtype=torch.int64, device=buffer.device)
-    for start in range(0, words.numel(), _CHECKSUM_CHUNK_WORDS):
-        chunk = words[start:start + _CHECKSUM_CHUNK_WORDS].to(torch.int64)
-        weights = torch.arange(start, start + chunk.numel(), device=buffer.device) % _CHECKSUM_MODULUS + 1
-        total += (chunk * weights).sum() + chunk.sum()
-    return int(total)
+    if buffer.numel() % _CHECKSUM_BLOCK_BYTES:
+        padded = torch.cat([buffer, buffer.new_zeros(_CHECKSUM_BLOCK_BYTES - buffer.numel() % _CHECKSUM_BLOCK_BYTES)])
+    blocks = padded.view(torch.int64).reshape(-1, _CHECKSUM_BLOCK_BYTES // 8)
+    in_block = torch.arange(1, blocks.shape[1] + 1, dtype=torch.int64, device=buffer.device)
+    block_sums = (blocks * in_block).sum(dim=1) + blocks.sum(dim=1)
+    block_weights = torch.arange(blocks.shape[0], dtype=torch.int64, device=buffer.device) % _CHECKSUM_MODULUS + 1
+    return int((block_sums * block_weights).sum())
 
 
 def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:
