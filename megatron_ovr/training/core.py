@@ -101,6 +101,14 @@ class StepResult:
     grad_norm: Optional[float]
 
 
+def _on_device(batch: dict) -> dict:
+    """The micro-batch's tensors on the training device; the image grids stay on the host, where the
+    ViT's window layout is computed from them."""
+    device = platform.default_device()
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) and k != "image_grid_thw" else v
+            for k, v in batch.items()}
+
+
 def _cp_slice(tensor: torch.Tensor) -> torch.Tensor:
     cp_size = parallel_state.get_context_parallel_world_size()
     return split_for_context_parallel(tensor, 1, parallel_state.get_context_parallel_rank(), cp_size)
@@ -154,7 +162,7 @@ class ModelTrainer:
         self.optimizer.zero_grad()
 
         def forward_step(data_iterator, module):
-            batch = next(data_iterator)
+            batch = _on_device(next(data_iterator))
             local = {key: _cp_slice(batch[key]) for key in loss_keys}
             return self._run_model(module, batch), lambda output: loss_fn(local, output)
 
@@ -168,7 +176,7 @@ class ModelTrainer:
             # Every context-parallel rank reads the whole micro-batch: count its tokens once.
             tokens /= parallel_state.get_context_parallel_world_size()
             sums = [torch.stack([r[name] for r in reports]).sum(0).float() for name in names]
-            totals = torch.cat(sums + [torch.tensor([tokens], dtype=torch.float32)])
+            totals = torch.cat(sums + [torch.tensor([tokens], dtype=torch.float32, device=sums[0].device)])
             dist.all_reduce(totals, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
         names = self._metric_names(names)
         # Every rank agrees that loss and gradients are finite before anyone updates: a NaN is never
@@ -219,7 +227,7 @@ class ModelTrainer:
         result over CP and broadcasts it from the last pipeline stage."""
 
         def forward_step(data_iterator, module):
-            batch = next(data_iterator)
+            batch = _on_device(next(data_iterator))
             local = {"labels": _cp_slice(batch["labels"])}
             return self._run_model(module, {**batch, "labels": None}), (
                 lambda output, non_loss_data=True: reduce_output(output, local)
