@@ -6,6 +6,8 @@ accepts transformers' in-memory form (``model.visual.*``, ``model.language_model
 
 from __future__ import annotations
 
+from typing import Iterable
+
 from megatron_ovr.config import Qwen25VLConfig
 
 from .params import QKV, ColumnParallel, GatedMLP, ParamMapping, PatchEmbed, Replicated, RowParallel
@@ -104,3 +106,17 @@ def expected_hf_names(cfg: Qwen25VLConfig, table: list[ParamMapping]) -> list[st
             count = cfg.vision.depth if pattern.startswith("visual.") else cfg.text.num_layers
             names.extend(pattern.replace("*", str(i)) for i in range(count))
     return names
+
+
+def check_hf_names(cfg: Qwen25VLConfig, hf_names: Iterable[str], backend: str = "torch", head: str = "lm") -> None:
+    """Raises naming every unknown and every missing HF tensor of a checkpoint."""
+    expected = set(expected_hf_names(cfg, qwen2_5_vl_mappings(cfg, backend, head)))
+    given = {canonical_hf_name(n) for n in hf_names}
+    if cfg.text.tie_word_embeddings:
+        given.discard("lm_head.weight")  # some tied checkpoints store the duplicate anyway
+    unknown = sorted(given - expected)
+    missing = sorted(expected - given)
+    if unknown:
+        raise KeyError(f"unknown HF tensor(s) for this Qwen2.5-VL config: {unknown[:10]}" + (" ..." if len(unknown) > 10 else ""))
+    if missing:
+        raise KeyError(f"HF checkpoint is missing tensor(s): {missing[:10]}" + (" ..." if len(missing) > 10 else ""))

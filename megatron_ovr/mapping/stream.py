@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Callable, Collection, Iterable, Iterator, Optional, Sequence
+from typing import Callable, Collection, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -23,7 +23,7 @@ from megatron_ovr import platform
 from megatron_ovr.config import Qwen25VLConfig
 
 from .params import ParamMapping
-from .qwen2_5_vl import canonical_hf_name, expected_hf_names, qwen2_5_vl_mappings
+from .qwen2_5_vl import qwen2_5_vl_mappings
 
 _LM_LAYER = re.compile(r"^language_model\.decoder\.layers\.(\d+)\.")
 
@@ -72,20 +72,6 @@ def bind_parameters(model_chunks: Sequence[torch.nn.Module], table: Sequence[Par
             else:
                 raise KeyError(f"megatron parameter {global_name!r} has no entry in the HF mapping table")
     return bound
-
-
-def check_hf_names(cfg: Qwen25VLConfig, hf_names: Iterable[str], backend: str = "torch", head: str = "lm") -> None:
-    """Raises naming every unknown and every missing HF tensor of a checkpoint."""
-    expected = set(expected_hf_names(cfg, qwen2_5_vl_mappings(cfg, backend, head)))
-    given = {canonical_hf_name(n) for n in hf_names}
-    if cfg.text.tie_word_embeddings:
-        given.discard("lm_head.weight")  # some tied checkpoints store the duplicate anyway
-    unknown = sorted(given - expected)
-    missing = sorted(expected - given)
-    if unknown:
-        raise KeyError(f"unknown HF tensor(s) for this Qwen2.5-VL config: {unknown[:10]}" + (" ..." if len(unknown) > 10 else ""))
-    if missing:
-        raise KeyError(f"HF checkpoint is missing tensor(s): {missing[:10]}" + (" ..." if len(missing) > 10 else ""))
 
 
 def model_mappings(model_chunks, cfg: Qwen25VLConfig) -> list[ParamMapping]:

@@ -21,7 +21,8 @@ from megatron_ovr.mapping.qwen2_5_vl import (
     hf_in_memory_name,
     qwen2_5_vl_mappings,
 )
-from megatron_ovr.mapping.stream import bind_parameters, check_hf_names
+from megatron_ovr.mapping.qwen2_5_vl import check_hf_names
+from megatron_ovr.mapping.stream import bind_parameters
 from megatron_ovr.models.qwen2_5_vl import reference
 
 
