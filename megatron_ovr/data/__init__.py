@@ -6,7 +6,7 @@ Flow: sources (JSONL / Parquet) -> ``tokenize_conversation`` -> ``write_indexed`
 """
 
 from .chat import TokenizedSample, render_conversation, tokenize_conversation, validate_messages
-from .indexed import IndexedDataset, write_indexed
+from .indexed import IndexedDataset, SFTSample, write_indexed
 from .loader import BlendedDataset, SFTDataLoader
 from .packing import collate, plan_packed_rows, plan_unpacked_rows
 from .sources import Conversation, ConversationReader, MalformedSample, read_records, write_jsonl
@@ -20,6 +20,7 @@ __all__ = [
     "IndexedDataset",
     "MalformedSample",
     "SFTDataLoader",
+    "SFTSample",
     "TokenizedSample",
     "Tokenizer",
     "collate",

@@ -21,6 +21,7 @@ from typing import Iterator, Optional, Protocol, Sequence
 import numpy as np
 import torch
 
+from .indexed import SFTSample
 from .packing import collate, plan_packed_rows, plan_unpacked_rows
 
 __all__ = ["BlendedDataset", "SFTDataLoader"]
@@ -30,12 +31,26 @@ class SFTDataset(Protocol):
     """What the loader reads: ``IndexedDataset`` and ``BlendedDataset`` both provide it."""
 
     lengths: np.ndarray
+    image_end: np.ndarray
+    """``[num_samples]`` tokens a row needs to hold the sample's images whole (0 for text)."""
     pad_id: int
     vocab_size: int
 
     def __len__(self) -> int: ...
 
-    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]: ...
+    def __getitem__(self, i: int) -> SFTSample: ...
+
+
+def _check_images_fit(dataset: SFTDataset, seq_length: int) -> None:
+    """Before training, not mid-run: a sample cut through an image cannot be trained on."""
+    too_long = np.flatnonzero(np.asarray(dataset.image_end) > seq_length)
+    if too_long.size:
+        first = int(too_long[0])
+        raise ValueError(
+            f"{too_long.size} sample(s) have images that end past seq_length={seq_length} (e.g. sample {first}: "
+            f"its last image token is token {int(dataset.image_end[first])}); raise data.seq_length, lower the "
+            f"images' max_pixels, or drop those samples when preprocessing"
+        )
 
 
 def _require_positive(**values: int) -> None:
@@ -77,6 +92,7 @@ class SFTDataLoader:
             raise ValueError(f"dp_rank={dp_rank}: must lie in [0, dp_size={dp_size})")
         if len(dataset) == 0:
             raise ValueError("the dataset is empty")
+        _check_images_fit(dataset, seq_length)
         self.dataset = dataset
         self.seq_length = seq_length
         self.micro_batch_size = micro_batch_size
@@ -188,13 +204,15 @@ class BlendedDataset:
         self.dataset_index = _blend_order(self.weights, size)
         self.sample_index = np.zeros(size, dtype=np.int64)
         self.lengths = np.zeros(size, dtype=np.int64)
+        self.image_end = np.zeros(size, dtype=np.int64)
         for d, dataset in enumerate(self.datasets):
             slots = self.dataset_index == d
             self.sample_index[slots] = _draw_order(int(slots.sum()), len(dataset), seed, d)
             self.lengths[slots] = np.asarray(dataset.lengths)[self.sample_index[slots]]
+            self.image_end[slots] = np.asarray(dataset.image_end)[self.sample_index[slots]]
 
     def __len__(self) -> int:
         return len(self.dataset_index)
 
-    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+    def __getitem__(self, i: int) -> SFTSample:
         return self.datasets[self.dataset_index[i]][int(self.sample_index[i])]

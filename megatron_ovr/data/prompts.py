@@ -25,7 +25,7 @@ from typing import Sequence
 
 from .chat import IM_END, render_conversation
 
-__all__ = ["OPTION_LETTERS", "SYSTEM_PROMPT", "build_prompt", "format_choices"]
+__all__ = ["OPTION_LETTERS", "SYSTEM_PROMPT", "build_prompt", "format_choices", "question_messages"]
 
 SYSTEM_PROMPT = (
     "You are a helpful assistant. The user asks a question and you solve it. First think through the "
@@ -51,18 +51,23 @@ def _user_text(question: str, choices: Sequence[str] | None) -> str:
     return f"{question}\n\nChoices:\n{format_choices(choices)}\n\n{MULTIPLE_CHOICE_INSTRUCTION}"
 
 
-def build_prompt(question: str, num_images: int, choices: Sequence[str] | None = None) -> str:
-    """The chat-formatted prompt for one question, ending in the assistant header (see module docstring)."""
+def question_messages(question: str, num_images: int, choices: Sequence[str] | None = None) -> list[dict]:
+    """The system and user messages of one question (images first): what :func:`build_prompt` renders, and
+    the start of an SFT conversation that trains on the same prompt."""
     if num_images < 0:
         raise ValueError(f"num_images={num_images}: must be >= 0")
     content = [{"type": "image"} for _ in range(num_images)]
     content.append({"type": "text", "text": _user_text(question, choices)})
+    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": content}]
+
+
+def build_prompt(question: str, num_images: int, choices: Sequence[str] | None = None) -> str:
+    """The chat-formatted prompt for one question, ending in the assistant header (see module docstring)."""
     # The template only renders whole conversations (it validates an assistant turn exists): render one
     # with an empty reply and cut that reply's closing tag, leaving the open assistant header.
     closing = f"{IM_END}\n"
     rendered = render_conversation(
-        [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": content},
-         {"role": "assistant", "content": ""}],
+        [*question_messages(question, num_images, choices), {"role": "assistant", "content": ""}],
         image_token_counts=[1] * num_images,
     )
     return rendered[: -len(closing)]

@@ -20,9 +20,15 @@ The tasks keep their answer spaces small so a tiny model's reward can rise withi
 - ``bars``: two bars standing on one line; "Which bar is taller?", multiple choice -> ``A`` / ``B``.
 - ``arithmetic``: text only, the SFT data's problems (:func:`.synthetic.random_arithmetic_problem`) -> the
   integer result, ``0``-``90``.
+- ``counting``: text only, the SFT data's counting word problems (:func:`.synthetic.random_counting_problem`)
+  -> ``1``-``8``.
 
 Images are 112x84 RGB PNGs by default: a multiple of Qwen2.5-VL's 28-pixel merge unit within a
 ``max_pixels`` of 112*112, so the processor keeps them as they are and each becomes 12 image tokens.
+
+:func:`write_visual_sft` turns visual questions into multimodal SFT conversations (``{"messages", "images"}``,
+the recipe's prompt from :func:`.prompts.question_messages` and a short ``<think>`` trace ending in
+``\boxed{answer}``) for the multimodal SFT path (``tools/preprocess_sft.py --processor``).
 
 Determinism: the same arguments give the same records and byte-identical PNGs. Each kind draws from its own
 random stream and visual kinds take turns, so a longer list extends a shorter one.
@@ -46,12 +52,13 @@ from typing import Callable, Iterator, Literal, Sequence
 from PIL import Image, ImageDraw, ImageFont, features
 from tqdm import tqdm
 
+from .prompts import question_messages
 from .sources import write_jsonl
-from .synthetic import random_arithmetic_problem
+from .synthetic import random_arithmetic_problem, random_counting_problem
 
 __all__ = [
-    "DEFAULT_IMAGE_SIZE", "IMAGE_FOLDER", "PROMPTS_FILE", "SPLIT_BUCKETS", "VISUAL_KINDS", "Split",
-    "generate_text_questions", "generate_visual_questions", "write_rl_prompts",
+    "DEFAULT_IMAGE_SIZE", "IMAGE_FOLDER", "PROMPTS_FILE", "SPLIT_BUCKETS", "VISUAL_KINDS", "VISUAL_SFT_FILE", "TEXT_KINDS", "Split",
+    "generate_text_questions", "generate_visual_questions", "write_rl_prompts", "write_visual_sft",
 ]
 
 Split = Literal["train", "eval"]
@@ -61,6 +68,7 @@ SPLIT_BUCKETS = 8
 """One in this many items (by identity hash) belongs to the eval split."""
 PROMPTS_FILE = "prompts.jsonl"
 IMAGE_FOLDER = "images"
+VISUAL_SFT_FILE = "conversations.jsonl"
 DEFAULT_IMAGE_SIZE = (112, 84)
 
 _WHITE: RGB = (255, 255, 255)
@@ -246,15 +254,23 @@ def generate_visual_questions(
     return records
 
 
-def generate_text_questions(n: int, seed: int, *, split: Split = "train") -> list[dict]:
-    """``n`` text-only arithmetic questions (the SFT data's problems; no images)."""
+TEXT_KINDS = ("arithmetic", "counting")
+
+
+def generate_text_questions(n: int, seed: int, *, split: Split = "train", kind: str = "arithmetic") -> list[dict]:
+    """``n`` text-only questions (no images): the SFT data's arithmetic problems, or (``kind="counting"``) its
+    counting word problems (:func:`.synthetic.random_counting_problem`, answers 1-8)."""
     _check(n, split)
-    rng = _stream(seed, split, "arithmetic")
+    if kind not in TEXT_KINDS:
+        raise ValueError(f"kind={kind!r}: choose one of {list(TEXT_KINDS)}")
+    draw = random_arithmetic_problem if kind == "arithmetic" else random_counting_problem
+    rng = _stream(seed, split, kind)
     records: list[dict] = []
     while len(records) < n:
-        problem = random_arithmetic_problem(rng)
-        if _in_split(f"arithmetic|{problem.expression}", split):
-            records.append({"id": f"{split}-arithmetic-{len(records):05d}", "kind": "arithmetic",
+        problem = draw(rng)
+        identity = problem.expression if kind == "arithmetic" else problem.question
+        if _in_split(f"{kind}|{identity}", split):
+            records.append({"id": f"{split}-{kind}-{len(records):05d}", "kind": kind,
                             "question": problem.question, "answer": str(problem.answer)})
     return records
 
@@ -267,14 +283,38 @@ def write_rl_prompts(
     *,
     split: Split = "train",
     image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE,
+    visual_kinds: Sequence[str] = VISUAL_KINDS,
+    text_kind: str = "arithmetic",
     progress: bool = False,
 ) -> Path:
     """Writes ``out_dir/prompts.jsonl`` (visual and text questions shuffled together) and
     ``out_dir/images/``; returns the JSONL path, which ``load_benchmark`` reads."""
     out_dir = Path(out_dir)
     records = generate_visual_questions(n_visual, seed, out_dir / IMAGE_FOLDER, image_size=image_size, split=split,
-                                        progress=progress)
-    records += generate_text_questions(n_text, seed, split=split)
+                                        kinds=visual_kinds, progress=progress)
+    records += generate_text_questions(n_text, seed, split=split, kind=text_kind)
     # Mixed, so that any prefix or batch of the file holds both modalities.
     random.Random(f"{seed}/{split}/order").shuffle(records)
     return write_jsonl(records, out_dir / PROMPTS_FILE)
+
+
+_TRACES = {
+    "count": "I count the red squares in the image one by one: there are {answer}.",
+    "digit": "The image shows a single digit; it reads {answer}.",
+    "bars": "I compare the heights of the two bars; option {answer} is the taller one.",
+}
+
+
+def write_visual_sft(out_dir: str | Path, n: int, seed: int, *,
+                     image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE, progress: bool = False) -> Path:
+    """Writes ``out_dir/conversations.jsonl``: ``n`` multimodal SFT conversations over visual questions
+    (train split), images in ``out_dir/images/`` (paths relative to the JSONL file); returns its path."""
+    out_dir = Path(out_dir)
+    conversations = []
+    for record in generate_visual_questions(n, seed, out_dir / IMAGE_FOLDER, image_size=image_size, progress=progress):
+        trace = _TRACES[record["kind"]].format(answer=record["answer"])
+        reply = f"<think>\n{trace}\n</think>\n\nThe answer is \\boxed{{{record['answer']}}}."
+        messages = question_messages(record["question"], 1, record.get("choices"))
+        conversations.append({"messages": [*messages, {"role": "assistant", "content": reply}],
+                              "images": record["images"]})
+    return write_jsonl(conversations, out_dir / VISUAL_SFT_FILE)

@@ -196,22 +196,32 @@ def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:
 
 
 def rollout_stats(
-    response_lengths: Sequence[int], truncated: Sequence[bool], rewards: Sequence[float]
+    response_lengths: Sequence[int], truncated: Sequence[bool], rewards: Sequence[float],
+    with_image: Sequence[bool] | None = None,
 ) -> dict[str, float]:
-    """Per-iteration rollout metrics: response length mean/max/min, share of truncated responses, mean reward.
+    """Per-iteration rollout metrics: response length mean/max/min, share of truncated responses, mean reward,
+    and, given ``with_image`` (whether each response's prompt holds an image), the mean reward of image and of
+    text-only prompts (``reward/image``, ``reward/text``; each only when such prompts were in the batch).
 
-    All three sequences have one entry per response; an empty rollout is a bug upstream and raises.
+    All sequences have one entry per response; an empty rollout is a bug upstream and raises.
     """
     count = len(response_lengths)
-    if count == 0 or len(truncated) != count or len(rewards) != count:
+    if count == 0 or len(truncated) != count or len(rewards) != count \
+            or (with_image is not None and len(with_image) != count):
         raise ValueError(
-            f"rollout_stats needs one length, truncation flag and reward per response, got "
-            f"{count} lengths, {len(truncated)} truncation flags and {len(rewards)} rewards"
+            f"rollout_stats needs one length, truncation flag, reward (and image flag) per response, got "
+            f"{count} lengths, {len(truncated)} truncation flags, {len(rewards)} rewards and "
+            f"{None if with_image is None else len(with_image)} image flags"
         )
-    return {
+    stats = {
         "response_length/mean": sum(response_lengths) / count,
         "response_length/max": float(max(response_lengths)),
         "response_length/min": float(min(response_lengths)),
         "truncation_rate": sum(map(bool, truncated)) / count,
         "reward/mean": sum(rewards) / count,
     }
+    for name, wanted in (("image", True), ("text", False)):
+        group = [r for r, image in zip(rewards, with_image or ()) if bool(image) == wanted]
+        if group:
+            stats[f"reward/{name}"] = sum(group) / len(group)
+    return stats

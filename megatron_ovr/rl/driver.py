@@ -335,10 +335,12 @@ class PPODriver:
             algorithms.masked_mean((engine_log_probs - old_log_probs).abs(), mask, group=dp_group),
         ])
         everyone: list = [None] * parallel_state.get_data_parallel_world_size()
-        dist.all_gather_object(everyone, [(len(r.response_ids), r.truncated, r.reward) for r in rollouts], group=dp_group)
-        lengths, truncated, rewards_all = zip(*[x for part in everyone for x in part])
+        image_id = self.model_cfg.image_token_id
+        dist.all_gather_object(everyone, [(len(r.response_ids), r.truncated, r.reward, image_id in r.prompt_ids)
+                                          for r in rollouts], group=dp_group)
+        lengths, truncated, rewards_all, with_image = zip(*[x for part in everyone for x in part])
         metrics = {
-            **algorithms.rollout_stats(lengths, truncated, rewards_all),
+            **algorithms.rollout_stats(lengths, truncated, rewards_all, with_image),
             "entropy": float(token_stats[0]),
             "engine_logprob_abs_diff": float(token_stats[1]),
             "value_explained_variance": algorithms.explained_variance(values, returns, mask),

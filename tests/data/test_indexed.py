@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from megatron_ovr.data import IndexedDataset, TokenizedSample, write_indexed
+from megatron_ovr.data.indexed import VERSION
 
 VOCAB, PAD = 1000, 999
 
@@ -30,12 +31,13 @@ def test_round_trip(written):
     prefix, samples, header = written
     ds = IndexedDataset(prefix)
     assert len(ds) == 25 and ds.vocab_size == VOCAB and ds.pad_id == PAD
-    assert header == ds.header and header["version"] == 1
+    assert header == ds.header and header["version"] == VERSION
+    assert header["num_images"] == 0 and ds[0].pixel_values is None and not ds.image_end.any()
     assert header["num_tokens"] == sum(s.token_ids.size for s in samples)
     assert header["num_loss_tokens"] == sum(int(s.loss_mask.sum()) for s in samples)
     np.testing.assert_array_equal(ds.lengths, [s.token_ids.size for s in samples])
     for i, sample in enumerate(samples):
-        tokens, mask = ds[i]
+        tokens, mask = ds[i].token_ids, ds[i].loss_mask
         assert tokens.dtype == np.int32 and mask.dtype == bool
         np.testing.assert_array_equal(tokens, sample.token_ids)
         np.testing.assert_array_equal(mask, sample.loss_mask)
@@ -56,6 +58,15 @@ def test_truncated_or_foreign_file(written, suffix, change):
     message = rf"train\{suffix} has .* bytes but the index needs .*truncated or from another write"
     with pytest.raises(ValueError, match=message):
         IndexedDataset(prefix)
+
+
+def test_version_1_text_datasets_still_load(written):
+    prefix, samples, header = written
+    old = {k: v for k, v in header.items() if k not in ("num_images", "num_patches", "patch_dim")}
+    (prefix.parent / "train.idx.json").write_text(json.dumps({**old, "version": 1}))
+    ds = IndexedDataset(prefix)
+    np.testing.assert_array_equal(ds[3].token_ids, samples[3].token_ids)
+    assert ds[3].image_grid_thw is None
 
 
 def test_inconsistent_offsets(written):

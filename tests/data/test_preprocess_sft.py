@@ -52,7 +52,7 @@ def test_synthetic_with_two_workers(tmp_path):
 def bad_file(tmp_path):
     good = [json.dumps(c) for c in generate_conversations(5, seed=0)]
     image = {"messages": [{"role": "user", "content": [{"type": "image"}]}, {"role": "assistant", "content": "x"}],
-             "images": ["a.png"]}
+             "images": []}
     lines = [good[0], "not json", good[1], json.dumps({"messages": [{"role": "user", "content": "no answer"}]}),
              good[2], good[3], json.dumps(image), json.dumps({"msgs": []}), good[4]]
     path = tmp_path / "bad.jsonl"
@@ -67,7 +67,7 @@ def test_bad_lines_are_skipped_and_reported(bad_file, tmp_path, capsys):
     assert "samples: 5 " in out and "skipped: 4" in out
     assert f"  {bad_file}:2: invalid JSON" in out
     assert f"  {bad_file}:4: no assistant turn" in out
-    assert f"  {bad_file}:7: has 1 image(s): Stage-1 SFT preprocessing is text-only" in out
+    assert f"  {bad_file}:7: image count mismatch: 0 path(s) in 'images' but 1 image part(s)" in out
     assert f"  {bad_file}:8: missing 'messages'" in out
     assert len(IndexedDataset(tmp_path / "out")) == 5
 

@@ -87,9 +87,10 @@ def test_collate_hand_made_example():
         assert batch[key].tolist() == value, key
     positions = [[0, 1, 2, 0, 1, 0, 0, 0], list(range(8))]
     assert batch["position_ids"].tolist() == [positions] * 3
-    assert {k: v.dtype for k, v in batch.items()} == {
+    assert {k: v.dtype for k, v in batch.items() if v is not None} == {
         "tokens": torch.int64, "labels": torch.int64, "loss_mask": torch.float32, "segment_ids": torch.int64,
         "position_ids": torch.int64}
+    assert batch["pixel_values"] is None and batch["image_grid_thw"] is None
     assert batch["position_ids"].shape == (3, 2, 8)
 
 
@@ -128,5 +129,7 @@ def test_packed_and_unpacked_hold_the_same_triples():
 def test_collate_errors():
     with pytest.raises(ValueError, match="row 0: its samples hold more than seq_length=4"):
         collate([[sample([1, 2, 3], [1, 1, 1]), sample([4, 5], [1, 1])]], seq_length=4, pad_id=PAD)
-    with pytest.raises(NotImplementedError, match="collate is text-only"):
+    with pytest.raises(ValueError, match="row 0, sample 1: 1 image placeholder tokens but no images"):
         collate([[sample([1, 151652, 151655, 151653], [0, 0, 0, 0])]], seq_length=8, pad_id=PAD)
+    with pytest.raises(ValueError, match="video placeholder tokens found"):
+        collate([[sample([1, 151652, 151656, 151653], [0, 0, 0, 0])]], seq_length=8, pad_id=PAD)

@@ -58,3 +58,24 @@ def test_jsonl_writer_round_trip(tmp_path):
 def test_negative_count():
     with pytest.raises(ValueError, match="n=-1"):
         generate_conversations(-1, seed=0)
+
+
+COUNTING = re.compile(r"(?:There are|A picture shows) (\d+) .*")
+
+
+def test_counting_share_and_system_prompt():
+    from megatron_ovr.data.prompts import SYSTEM_PROMPT
+
+    plain = generate_conversations(200, seed=2)
+    mixed = generate_conversations(200, seed=2, system_prompt=SYSTEM_PROMPT, counting_share=0.3)
+    assert all(c["messages"][0] == {"role": "system", "content": SYSTEM_PROMPT} for c in mixed)
+    counting = [c for c in mixed if "How many" in c["messages"][1]["content"]]
+    assert 40 <= len(counting) <= 80  # 30% of 200, give or take the draw
+    for conversation in counting:
+        validate_messages(conversation["messages"])
+        match = REPLY.fullmatch(conversation["messages"][2]["content"])
+        a, op, b, result = STEP.fullmatch(match.group(1).strip()).groups()
+        assert int(result) == eval(f"{a} {op} {b}") == int(match.group(2)) and 1 <= int(result) <= 8
+    assert not any("How many" in c["messages"][0]["content"] for c in plain)  # share 0: arithmetic only
+    with pytest.raises(ValueError, match="counting_share=1.5"):
+        generate_conversations(3, seed=0, counting_share=1.5)

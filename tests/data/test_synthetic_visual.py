@@ -13,7 +13,9 @@ from megatron_ovr.data.synthetic_visual import (
     generate_text_questions,
     generate_visual_questions,
     write_rl_prompts,
+    write_visual_sft,
 )
+from megatron_ovr.data.sources import ConversationReader
 from megatron_ovr.eval.benchmarks import load_benchmark
 from tools.make_synthetic_data import main as make_synthetic_data_main
 
@@ -154,6 +156,7 @@ def test_train_and_eval_share_no_item(tmp_path):
     (lambda d: generate_visual_questions(3, 0, d, kinds=("count", "count")), "distinct"),
     (lambda d: generate_visual_questions(3, 0, d, image_size=(56, 56)), r"image_size=\(56, 56\)"),
     (lambda d: generate_text_questions(-2, 0), "n=-2"),
+    (lambda d: generate_text_questions(2, 0, kind="geometry"), "kind='geometry'"),
 ])
 def test_bad_arguments(tmp_path, call, message):
     with pytest.raises(ValueError, match=message):
@@ -171,6 +174,28 @@ def test_cli_writes_sft_and_both_splits(tmp_path, capsys):
     with pytest.raises(SystemExit):
         make_synthetic_data_main(["--out", str(tmp_path), "--image-size", "112by84"])
     assert "WIDTHxHEIGHT" in capsys.readouterr().err
+
+
+def test_counting_text_questions_are_held_out_and_answered(tmp_path):
+    train = generate_text_questions(200, 0, kind="counting")
+    held_out = generate_text_questions(60, 0, kind="counting", split="eval")
+    assert {r["question"] for r in train}.isdisjoint(r["question"] for r in held_out)
+    for record in train:
+        a, b = map(int, re.findall(r"\d+", record["question"]))
+        expected = a - b if "erased" in record["question"] else a + b
+        assert record["kind"] == "counting" and record["answer"] == str(expected)
+
+
+def test_visual_sft_conversations_name_their_images(tmp_path):
+    path = write_visual_sft(tmp_path, 6, seed=0)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    conversations = list(ConversationReader([path], strict=True))
+    assert len(rows) == len(conversations) == 6 and conversations[0].images == tuple(rows[0]["images"])
+    for row in rows:
+        assert (tmp_path / row["images"][0]).is_file()
+        user, reply = row["messages"][1]["content"], row["messages"][2]["content"]
+        assert user[0] == {"type": "image"} and reply.endswith("}.")
+        assert re.search(r"\\boxed\{(\w)\}", reply).group(1) in "1234567890AB"
 
 
 def test_tiny_checkpoint_has_tokenizer_and_image_processor(tmp_path):

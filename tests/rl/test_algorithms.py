@@ -276,3 +276,8 @@ def test_rollout_stats():
         rollout_stats([1, 2, 3], [False, False], [0.0, 0.0, 0.0])
     with pytest.raises(ValueError):
         rollout_stats([], [], [])
+    split = rollout_stats([10, 30, 20, 40], [False] * 4, [1.0, 0.0, 1.0, 1.0], [True, True, False, True])
+    assert split["reward/image"] == pytest.approx(2 / 3) and split["reward/text"] == 1.0
+    assert "reward/text" not in rollout_stats([5, 6], [False, False], [1.0, 0.0], [True, True])
+    with pytest.raises(ValueError, match="and 1 image flags"):
+        rollout_stats([5, 6], [False, False], [1.0, 0.0], [True])
