@@ -28,6 +28,8 @@ setup(
     extras_require={
         "gpu": ["transformer-engine[pytorch]>=2.8", "vllm>=0.11"],
         "parquet": ["pyarrow"],
+        # Quantised export (tools/quantize.py, megatron_ovr/quant/backend.py is the one import).
+        "quant": ["nvidia-modelopt[hf]==0.47.0"],
         # SentencePiece tokenizer specs (megatron_ovr/data/tokenizer.py; protobuf reads the model proto).
         "sentencepiece": ["sentencepiece>=0.2", "protobuf"],
         "test": ["pytest>=8", "pytest-timeout"],
