@@ -25,6 +25,24 @@ def _dataclass_type(annotation) -> type | None:
     return None
 
 
+def _admits(annotation, kind: type) -> bool:
+    """Whether ``annotation`` is ``kind``, or a union holding it."""
+    if annotation is kind:
+        return True
+    return typing.get_origin(annotation) in (typing.Union, types.UnionType) and kind in typing.get_args(annotation)
+
+
+def _number(annotation, value, where: str):
+    """YAML 1.1 (PyYAML) reads ``2e-4`` and ``1e5`` as strings, where every user means a number: a string in a
+    float field is read as a float, or is an error naming the key."""
+    if isinstance(value, str) and _admits(annotation, float) and not _admits(annotation, str):
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"{where}: expected a number, got {value!r}") from None
+    return value
+
+
 def from_dict(cls: type[T], data: dict[str, Any], path: str = "") -> T:
     """Builds ``cls`` from a nested dict; unknown keys raise ``ValueError`` naming ``path.key``."""
     if not isinstance(data, dict):
@@ -42,7 +60,7 @@ def from_dict(cls: type[T], data: dict[str, Any], path: str = "") -> T:
             value = from_dict(nested, value, f"{path}.{name}" if path else name)
         elif isinstance(value, list) and typing.get_origin(hints[name]) is tuple:
             value = tuple(value)
-        kwargs[name] = value
+        kwargs[name] = _number(hints[name], value, f"{path}.{name}" if path else name)
     return cls(**kwargs)
 
 

@@ -58,3 +58,13 @@ def test_cross_section_check_is_named():
     raw["train_steps"] = raw["optimizer"]["warmup_steps"]
     with pytest.raises(ValueError, match="optimizer.warmup_steps=.*must be below train_steps"):
         from_dict(SFTConfig, raw)
+
+
+def test_exponent_overrides_are_numbers(tmp_path):
+    """PyYAML reads ``2e-4`` as a string (YAML 1.1); in a float field it is the number every user means."""
+    from megatron_ovr.config.io import load_yaml
+
+    cfg = load_yaml(PPOConfig, ROOT / "rl" / "tiny.yaml", ["actor_optimizer.lr=2e-4", "actor_optimizer.min_lr=1e-5"])
+    assert cfg.actor_optimizer.lr == 2e-4 and cfg.actor_optimizer.min_lr == 1e-5
+    with pytest.raises(ValueError, match=r"actor_optimizer\.lr: expected a number, got 'fast'"):
+        load_yaml(PPOConfig, ROOT / "rl" / "tiny.yaml", ["actor_optimizer.lr=fast"])
