@@ -189,8 +189,13 @@ def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:
     valid = mask.bool()
     returns64 = returns.double()[valid]
     residuals = returns64 - values.double()[valid]
-    returns_variance = returns64.var(unbiased=False) if returns64.numel() else torch.tensor(float("nan"))
-    if not returns_variance > 0:
+    if not returns64.numel():
+        return float("nan")
+    # Returns computed in float32 (advantages + values) carry rounding noise of ~1e-7 of the values' scale:
+    # below that, Var[R] is zero in all but rounding.
+    noise = 1e-6 * float(torch.cat([returns64.abs(), values.double()[valid].abs()]).max())
+    returns_variance = returns64.var(unbiased=False)
+    if not returns_variance > noise**2:
         return float("nan")
     return float(1.0 - residuals.var(unbiased=False) / returns_variance)
 

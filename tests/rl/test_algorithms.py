@@ -263,6 +263,10 @@ def test_explained_variance_cases():
 def test_explained_variance_is_nan_without_return_variance_or_tokens():
     assert math.isnan(explained_variance(torch.randn(2, 3), torch.ones(2, 3), torch.ones(2, 3)))
     assert math.isnan(explained_variance(torch.randn(2, 3), torch.randn(2, 3), torch.zeros(2, 3)))
+    # Every reward 0, returns summed up by GAE in float32: only rounding noise varies (it once logged -4e15).
+    values = torch.randn(2, 3)
+    returns = 1e-8 * torch.randn(2, 3)
+    assert returns.var() > 0 and math.isnan(explained_variance(values, returns, torch.ones(2, 3)))
 
 
 def test_rollout_stats():
