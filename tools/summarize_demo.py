@@ -190,7 +190,9 @@ def plot(path: Path, sft: list[dict], ppo: list[dict], by_kind: dict[str, dict[s
     reward = [m["reward/mean"] for m in ppo]
     ax.plot(iterations, reward, marker=".", alpha=0.5, label="per iteration")
     ax.plot(iterations, moving_average(reward), linewidth=2, label=f"{SMOOTHING_WINDOW}-iteration mean")
-    for key in MODALITY_REWARDS:
+    # One line per modality when both were trained on (with one, its line is the mean's).
+    both = all(any(key in m for m in ppo) for key in MODALITY_REWARDS)
+    for key in MODALITY_REWARDS if both else ():
         points = [(m["step"], m[key]) for m in ppo if key in m]
         if points:
             ax.plot([i for i, _ in points], moving_average([r for _, r in points]), linewidth=1, linestyle="--",

@@ -146,7 +146,7 @@ def _prepare(tensor: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor
     return tensor
 
 
-def _apply_umask(directory: Path) -> None:
+def apply_umask(directory: Path) -> None:
     """mkdtemp and safetensors create owner-only entries (0700 / 0600); a checkpoint gets the usual modes."""
     umask = os.umask(0)
     os.umask(umask)
@@ -261,7 +261,7 @@ def write_hf_checkpoint(
             for file_name in AUXILIARY_FILES:
                 if (Path(auxiliary_from) / file_name).is_file():
                     shutil.copyfile(Path(auxiliary_from) / file_name, tmp / file_name)
-        _apply_umask(tmp)
+        apply_umask(tmp)
         if out_dir.exists():
             out_dir.rmdir()  # empty (checked above); a rename cannot replace it portably
         tmp.rename(out_dir)

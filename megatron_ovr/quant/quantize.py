@@ -53,6 +53,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from megatron_ovr.checkpoint.hf import apply_umask
+
 from . import backend
 from .calibration import InputBuilder, ModelInputs, load_calibration_samples, synthetic_calibration_files
 from .layouts import cast_unquantized, directory_bytes, modelopt_int4_to_awq
@@ -317,17 +319,6 @@ def _check_out(out: Path) -> None:
         raise FileExistsError(f"{out} already exists and is not an empty directory")
 
 
-def _apply_umask(directory: Path) -> None:
-    """mkdtemp and safetensors create owner-only entries; a checkpoint gets the usual modes."""
-    import os
-
-    umask = os.umask(0)
-    os.umask(umask)
-    directory.chmod(0o777 & ~umask)
-    for file in directory.iterdir():
-        file.chmod(0o666 & ~umask)
-
-
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -440,7 +431,7 @@ def quantize_hf_dir(hf_dir: str | Path, out: str | Path, calib_files: Sequence[s
             "seconds": round(time.perf_counter() - started, 2),
         }
         (tmp / "quant_report.json").write_text(json.dumps(report, indent=2) + "\n")
-        _apply_umask(tmp)
+        apply_umask(tmp)
         if out.exists():
             out.rmdir()
         tmp.rename(out)
