@@ -375,14 +375,19 @@ def print_table(results: list[RunResult], peak: Optional[float], result_ratios: 
         print(f"{workload}: " + "; ".join(parts))
 
 
-def result_path(out: Optional[Path], benchmark: str, shape: str) -> Path:
-    """``out`` when it names a file; else ``<benchmark>_<device>_<shape>_<date>.json`` in the directory ``out``
-    (default ``benchmarks/results``)."""
+def write_result(out: Optional[Path], benchmark: str, shape: str, result: dict) -> Path:
+    """Writes ``result`` as JSON to ``out`` when it names a file, else to ``<benchmark>_<device>_<shape>_<date>.json``
+    in the directory ``out`` (default ``benchmarks/results``); says where."""
     device = device_name().replace("NVIDIA ", "").replace(" ", "-").lower()
     name = f"{benchmark}_{device}_{shape}_{datetime.date.today()}.json"
     if out is None:
-        return REPO / "benchmarks" / "results" / name
-    return out / name if out.is_dir() else out
+        out = REPO / "benchmarks" / "results" / name
+    elif out.is_dir():
+        out = out / name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+    return out
 
 
 def parse_args() -> argparse.Namespace:
@@ -502,10 +507,8 @@ def main() -> None:
     }
     variant = "".join(f"_{flag}" for flag, on in (("segments", args.lm_mask == "segments"),
                                                    ("recompute", args.recompute)) if on)
-    out = result_path(args.out, "train_throughput", f"{args.preset}_{cfg.text.num_layers}l_seq{args.seq}_{args.dtype}{variant}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result(args.out, "train_throughput",
+                 f"{args.preset}_{cfg.text.num_layers}l_seq{args.seq}_{args.dtype}{variant}", report)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import platform as host
 import statistics
 import sys
@@ -48,7 +47,7 @@ from megatron_ovr.mapping.stream import export_hf_weights  # noqa: E402
 from megatron_ovr.models.qwen2_5_vl.model import build_model_chunks  # noqa: E402
 from megatron_ovr.rollout import EngineInfo, RolloutEngine, RolloutRequest, SamplingSettings, build_engine  # noqa: E402
 from megatron_ovr.rollout.weight_sync import bucket_checksum, pack_buckets, sync_weights  # noqa: E402
-from train_throughput import device_name, model_config, result_path, synchronize, versions  # noqa: E402
+from train_throughput import device_name, model_config, synchronize, versions, write_result  # noqa: E402
 
 GOAL_SECONDS = 0.3  # issue 7: the whole 7B actor into the engine on one GPU
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -207,10 +206,7 @@ def main() -> None:
         "goal_seconds": GOAL_SECONDS if whole_7b else None,
         "goal_met": min(r["seconds"] for r in rows) <= GOAL_SECONDS if whole_7b else None,
     }
-    out = result_path(args.out, "weight_sync", f"{args.preset}_{cfg.text.num_layers}l_{args.dtype}_{args.engine}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result(args.out, "weight_sync", f"{args.preset}_{cfg.text.num_layers}l_{args.dtype}_{args.engine}", result)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,15 @@ def single_rank_megatron():
     shutdown_distributed()
 
 
+@pytest.fixture(scope="module")
+def tiny_hf_dir(tmp_path_factory):
+    """The random tiny Qwen2.5-VL as an HF directory, with tokenizer and image-processor files (one per module:
+    tests may write next to it)."""
+    from tools.make_tiny_checkpoint import make_checkpoint
+
+    return make_checkpoint(tmp_path_factory.mktemp("tiny") / "hf")
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
 

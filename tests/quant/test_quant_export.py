@@ -25,14 +25,6 @@ LM_LINEARS = [f"model.layers.{i}.{m}" for i in range(2) for m in (
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    sys.path.insert(0, str(ROOT / "tools"))
-    from make_tiny_checkpoint import make_checkpoint
-
-    return make_checkpoint(tmp_path_factory.mktemp("tiny") / "hf")
-
-
-@pytest.fixture(scope="module")
 def calib_files(tmp_path_factory):
     """Our own formats, text and image: PPO/eval-layout prompts with drawn images, and SFT conversations."""
     from megatron_ovr.data.synthetic import write_synthetic_jsonl
@@ -49,15 +41,15 @@ def _options(fmt: str, **kwargs) -> QuantizeOptions:
 
 
 @pytest.fixture(scope="module")
-def fp8(tiny_dir, calib_files, tmp_path_factory):
-    return quantize_hf_dir(tiny_dir, tmp_path_factory.mktemp("fp8") / "out", calib_files[:2],
+def fp8(tiny_hf_dir, calib_files, tmp_path_factory):
+    return quantize_hf_dir(tiny_hf_dir, tmp_path_factory.mktemp("fp8") / "out", calib_files[:2],
                            _options("fp8", num_samples=24))
 
 
 @pytest.fixture(scope="module")
-def int4(tiny_dir, calib_files, tmp_path_factory):
+def int4(tiny_hf_dir, calib_files, tmp_path_factory):
     # AWQ-lite searches 11 scales per layer and sample: few samples keep it quick on CPU.
-    return quantize_hf_dir(tiny_dir, tmp_path_factory.mktemp("int4") / "out", calib_files[:2],
+    return quantize_hf_dir(tiny_hf_dir, tmp_path_factory.mktemp("int4") / "out", calib_files[:2],
                            _options("int4_awq", num_samples=6))
 
 
@@ -78,9 +70,9 @@ def _common_files(out: Path, source: Path):
     assert not list(out.parent.glob(".out.tmp-*"))  # the temp directory was renamed, nothing left behind
 
 
-def test_fp8_export_has_modelopt_config_and_scales(fp8, tiny_dir):
+def test_fp8_export_has_modelopt_config_and_scales(fp8, tiny_hf_dir):
     out = fp8.out
-    _common_files(out, tiny_dir)
+    _common_files(out, tiny_hf_dir)
     config = json.loads((out / "config.json").read_text())
     qc = config["quantization_config"]
     assert qc["quant_method"] == "modelopt" and qc["quant_algo"] == "FP8"
@@ -106,9 +98,9 @@ def test_fp8_export_has_modelopt_config_and_scales(fp8, tiny_dir):
     assert t["model.embed_tokens.weight"].dtype == torch.bfloat16 and t["lm_head.weight"].dtype == torch.bfloat16
 
 
-def test_int4_export_has_awq_config_and_packed_weights(int4, tiny_dir):
+def test_int4_export_has_awq_config_and_packed_weights(int4, tiny_hf_dir):
     out = int4.out
-    _common_files(out, tiny_dir)
+    _common_files(out, tiny_hf_dir)
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert {k: qc[k] for k in ("quant_method", "bits", "group_size", "zero_point", "version")} == \
         {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"}
@@ -144,14 +136,14 @@ def test_fake_quant_logits_stay_close_and_the_export_is_the_calibrated_model(fp8
     assert fp8.report["logit_check"]["top1_agreement"] > 0.75
 
 
-def test_exported_directory_matches_the_original_independently(fp8, int4, tiny_dir, calib_files):
+def test_exported_directory_matches_the_original_independently(fp8, int4, tiny_hf_dir, calib_files):
     """Recomputed here, not read from the report: the exported weights (dequantised, FP8 activations emulated)
     against the source model on samples from another split."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     samples = load_calibration_samples([calib_files[2]], 3, seed=0)
-    inputs = InputBuilder(tiny_dir, 512).build_all(samples)
-    source = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(tiny_dir), dtype=torch.float32).eval()
+    inputs = InputBuilder(tiny_hf_dir, 512).build_all(samples)
+    source = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(tiny_hf_dir), dtype=torch.float32).eval()
 
     def logits(model):
         with torch.no_grad():
@@ -163,10 +155,10 @@ def test_exported_directory_matches_the_original_independently(fp8, int4, tiny_d
         assert 1e-3 < deltas.rel_rms <= FORMATS[fmt].rel_rms_tolerance, (fmt, deltas)
 
 
-def test_quantized_directory_is_smaller_on_disk(fp8, int4, tiny_dir):
+def test_quantized_directory_is_smaller_on_disk(fp8, int4, tiny_hf_dir):
     from megatron_ovr.checkpoint import HFCheckpoint
 
-    hf = HFCheckpoint(tiny_dir)
+    hf = HFCheckpoint(tiny_hf_dir)
     bf16_bytes = sum(hf.get(n).numel() * 2 for n in hf.names())
     linear_bf16 = sum(hf.get(f"{n}.weight").numel() * 2 for n in LM_LINEARS)
     for result, ratio in ((fp8, 0.5), (int4, 0.25)):
@@ -176,8 +168,8 @@ def test_quantized_directory_is_smaller_on_disk(fp8, int4, tiny_dir):
 
 
 @pytest.mark.slow
-def test_vision_quantize_quantizes_the_vision_linears(tiny_dir, calib_files, tmp_path):
-    result = quantize_hf_dir(tiny_dir, tmp_path / "out", calib_files[:1], _options("fp8", num_samples=8,
+def test_vision_quantize_quantizes_the_vision_linears(tiny_hf_dir, calib_files, tmp_path):
+    result = quantize_hf_dir(tiny_hf_dir, tmp_path / "out", calib_files[:1], _options("fp8", num_samples=8,
                                                                                     vision="quantize"))
     t = load_tensors(result.out)
     vision = [k[: -len(".weight")] for k, v in t.items() if k.startswith("visual.") and v.dtype == torch.float8_e4m3fn]
@@ -188,10 +180,10 @@ def test_vision_quantize_quantizes_the_vision_linears(tiny_dir, calib_files, tmp
 
 
 @pytest.mark.slow
-def test_megatron_checkpoint_input_gives_the_same_export(fp8, tiny_dir, calib_files, tmp_path):
+def test_megatron_checkpoint_input_gives_the_same_export(fp8, tiny_hf_dir, calib_files, tmp_path):
     from megatron_ovr.checkpoint.convert import hf_to_megatron
 
-    hf_to_megatron(tiny_dir, tmp_path / "megatron", progress=False)
+    hf_to_megatron(tiny_hf_dir, tmp_path / "megatron", progress=False)
     result = quantize_megatron_dir(tmp_path / "megatron", tmp_path / "out", calib_files[:2],
                                    _options("fp8", num_samples=24), progress=False)
     a, b = load_tensors(fp8.out), load_tensors(result.out)
@@ -225,9 +217,9 @@ def test_vllm_cpu_loads_and_serves_the_quantized_directories(fp8, int4, calib_fi
 
 
 @pytest.mark.slow
-def test_vllm_refuses_modelopts_own_int4_layout(tiny_dir, calib_files, tmp_path):
+def test_vllm_refuses_modelopts_own_int4_layout(tiny_hf_dir, calib_files, tmp_path):
     """Why the AWQ layout exists: vLLM 0.32 does not read modelopt's W4A16_AWQ export."""
-    result = quantize_hf_dir(tiny_dir, tmp_path / "out", calib_files[:1],
+    result = quantize_hf_dir(tiny_hf_dir, tmp_path / "out", calib_files[:1],
                              _options("int4_awq", num_samples=4, int4_layout="modelopt"))
     assert result.report["export_check"]["rel_rms"] <= 1e-5  # exact: no layout change
     served = _vllm(result.out, calib_files[2], tmp_path)

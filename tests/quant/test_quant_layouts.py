@@ -21,7 +21,6 @@ from megatron_ovr.quant.layouts import (
 )
 from megatron_ovr.quant.report import logit_deltas
 
-TOOLS = Path(__file__).resolve().parents[2] / "tools"
 
 
 def vllm_awq_decode(qweight: torch.Tensor) -> torch.Tensor:
@@ -121,8 +120,7 @@ def test_options_name_the_valid_formats_and_modes():
 
 
 def test_cli_rejects_a_wrong_format_before_loading_anything(tmp_path, capsys):
-    sys.path.insert(0, str(TOOLS))
-    import quantize as cli
+    from tools import quantize as cli
 
     rc = cli.main(["--hf-dir", str(tmp_path), "--out", str(tmp_path / "q"), "--format", "nvfp4"])
     assert rc == 2
@@ -130,15 +128,7 @@ def test_cli_rejects_a_wrong_format_before_loading_anything(tmp_path, capsys):
     assert not (tmp_path / "q").exists()
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    sys.path.insert(0, str(TOOLS))
-    from make_tiny_checkpoint import make_checkpoint
-
-    return make_checkpoint(tmp_path_factory.mktemp("tiny") / "hf")
-
-
-def test_an_empty_calibration_set_is_a_clear_error(tmp_path, tiny_dir):
+def test_an_empty_calibration_set_is_a_clear_error(tmp_path, tiny_hf_dir):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
     with pytest.raises(ValueError, match="empty calibration set: no usable sample in .*empty.jsonl"):
@@ -151,23 +141,23 @@ def test_an_empty_calibration_set_is_a_clear_error(tmp_path, tiny_dir):
         load_calibration_samples([], 16)
     # The tool fails the same way, before loading the model, and leaves no output behind.
     with pytest.raises(ValueError, match="empty calibration set"):
-        quantize_hf_dir(tiny_dir, tmp_path / "q", [empty], QuantizeOptions(format="fp8", progress=False))
+        quantize_hf_dir(tiny_hf_dir, tmp_path / "q", [empty], QuantizeOptions(format="fp8", progress=False))
     assert not (tmp_path / "q").exists()
 
 
-def test_calibration_inputs_expand_images_like_the_engine(tmp_path, tiny_dir):
+def test_calibration_inputs_expand_images_like_the_engine(tmp_path, tiny_hf_dir):
     from megatron_ovr.data.synthetic_visual import write_rl_prompts
 
     prompts = write_rl_prompts(tmp_path / "rl", n_visual=2, n_text=2, seed=0)
     samples = load_calibration_samples([prompts], 4)
-    builder = InputBuilder(tiny_dir, max_tokens=512)
+    builder = InputBuilder(tiny_hf_dir, max_tokens=512)
     inputs = builder.build_all(samples)
     with_images = [x for x in inputs if x.has_images]
     assert len(with_images) == 2 and len(inputs) == 4
     for x in with_images:  # a 112x84 image: 12 merged tokens (make_tiny_checkpoint's processor bounds)
         assert int((x.input_ids == builder.cfg.image_token_id).sum()) == 12
         assert x.position_ids.shape == (3, 1, x.num_tokens)
-    short = InputBuilder(tiny_dir, max_tokens=40)  # the system prompt alone is longer: the image is cut
+    short = InputBuilder(tiny_hf_dir, max_tokens=40)  # the system prompt alone is longer: the image is cut
     assert short(samples[[s.images != () for s in samples].index(True)]) is None and short.dropped == 1
 
 

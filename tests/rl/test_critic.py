@@ -2,9 +2,6 @@
 policy checkpoint (HF or megatron) it keeps the trunk exactly and draws a fresh head; its own checkpoints
 restore the head; the head's init follows ORZ (nn.Linear's default, U(-1/sqrt(h), 1/sqrt(h)))."""
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -14,23 +11,13 @@ from megatron_ovr.rl.experience import Sample, pack_samples
 from megatron_ovr.training.core import OUTPUT_LAYER_KEY, ModelTrainer, build_model
 from megatron_ovr.training.losses import masked_token_loss
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-    sys.path.insert(0, str(REPO / "tools"))
-    from make_tiny_checkpoint import make_checkpoint
-
-    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "hf")
-
 
 def parameters(chunks) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in chunks[0].named_parameters()}
 
 
-def test_critic_from_policy_checkpoints_keeps_the_trunk_and_draws_a_fresh_head(single_rank_megatron, hf_dir, tmp_path):
-    section = ModelSection(hf_dir=str(hf_dir), freeze_vision=False, freeze_merger=False)
+def test_critic_from_policy_checkpoints_keeps_the_trunk_and_draws_a_fresh_head(single_rank_megatron, tiny_hf_dir, tmp_path):
+    section = ModelSection(hf_dir=str(tiny_hf_dir), freeze_vision=False, freeze_merger=False)
     actor = ModelTrainer(section, ParallelConfig(), OptimizerSection(), total_steps=1, seed=3)
     from_hf = parameters(actor.chunks)
     # One real step first: the megatron checkpoint then holds weights that differ from the HF ones.
@@ -54,8 +41,8 @@ def test_critic_from_policy_checkpoints_keeps_the_trunk_and_draws_a_fresh_head(s
         assert torch.equal(head, parameters(build_model(source, ParallelConfig(), head="value", seed=3)[1])[OUTPUT_LAYER_KEY])
 
 
-def test_a_critic_checkpoint_restores_its_head_and_cannot_start_a_policy(single_rank_megatron, hf_dir, tmp_path):
-    critic = ModelTrainer(ModelSection(hf_dir=str(hf_dir)), ParallelConfig(), OptimizerSection(), total_steps=1,
+def test_a_critic_checkpoint_restores_its_head_and_cannot_start_a_policy(single_rank_megatron, tiny_hf_dir, tmp_path):
+    critic = ModelTrainer(ModelSection(hf_dir=str(tiny_hf_dir)), ParallelConfig(), OptimizerSection(), total_steps=1,
                           head="value", seed=5)
     (batch,) = pack_samples([Sample(list(range(100, 110)), [7, 8, 9])], 16, critic.model_cfg, pad_id=0).microbatches
     batch = {**batch, "returns": torch.ones(1, 16), "loss_mask": batch["action_mask"]}
@@ -67,15 +54,15 @@ def test_a_critic_checkpoint_restores_its_head_and_cannot_start_a_policy(single_
     critic.save(str(tmp_path / "critic"), 1, {})
     _, restored = build_model(ModelSection(megatron_dir=str(tmp_path / "critic")), ParallelConfig(), head="value", seed=0)
     trained_head = parameters(critic.chunks)[OUTPUT_LAYER_KEY]
-    fresh_head = parameters(build_model(ModelSection(hf_dir=str(hf_dir)), ParallelConfig(), head="value", seed=0)[1])
+    fresh_head = parameters(build_model(ModelSection(hf_dir=str(tiny_hf_dir)), ParallelConfig(), head="value", seed=0)[1])
     assert not torch.equal(trained_head, fresh_head[OUTPUT_LAYER_KEY])
     assert torch.equal(parameters(restored)[OUTPUT_LAYER_KEY], trained_head)
     with pytest.raises(ValueError, match="critic checkpoint: it cannot start a policy"):
         build_model(ModelSection(megatron_dir=str(tmp_path / "critic")), ParallelConfig())
 
 
-def test_the_value_model_returns_one_value_per_token(single_rank_megatron, hf_dir):
-    _, critic = build_model(ModelSection(hf_dir=str(hf_dir)), ParallelConfig(), head="value", seed=0)
+def test_the_value_model_returns_one_value_per_token(single_rank_megatron, tiny_hf_dir):
+    _, critic = build_model(ModelSection(hf_dir=str(tiny_hf_dir)), ParallelConfig(), head="value", seed=0)
     tokens = torch.randint(0, 1000, (2, 8))
     positions = torch.arange(8).expand(3, 2, 8)
     values = critic[0](tokens, positions, torch.ones(2, 8, dtype=torch.long))

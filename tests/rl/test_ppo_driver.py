@@ -21,14 +21,6 @@ CONFIG = REPO / "examples" / "rl" / "tiny.yaml"
 
 
 @pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-    sys.path.insert(0, str(REPO / "tools"))
-    from make_tiny_checkpoint import make_checkpoint
-
-    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "hf")
-
-
-@pytest.fixture(scope="module")
 def prompts(tmp_path_factory):
     """Six text sums and two image counting questions, in the evaluation harness's generic layout."""
     root = tmp_path_factory.mktemp("prompts")
@@ -70,9 +62,9 @@ def metrics(run_dir: Path) -> list[dict]:
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_ppo_runs_logs_trains_and_resumes_exactly(tmp_path, hf_dir, prompts):
+def test_ppo_runs_logs_trains_and_resumes_exactly(tmp_path, tiny_hf_dir, prompts):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run_ppo(straight, hf_dir, prompts)
+    run_ppo(straight, tiny_hf_dir, prompts)
 
     history = metrics(straight)
     assert [m["step"] for m in history] == [1, 2]
@@ -97,7 +89,7 @@ def test_ppo_runs_logs_trains_and_resumes_exactly(tmp_path, hf_dir, prompts):
         kept = resumed / "ckpt" / model
         shutil.copytree(straight / "ckpt" / model / "iter_0000001", kept / "iter_0000001")
         (kept / "latest").write_text("1\n")
-    run_ppo(resumed, hf_dir, prompts)
+    run_ppo(resumed, tiny_hf_dir, prompts)
     (second,) = metrics(resumed)
     assert second["step"] == 2
     # Resumed, iteration 2 is the uninterrupted run's, exactly (all but the timings).

@@ -2,7 +2,6 @@
 torchrun) streamed into the colocated vLLM engine of each rank, whose log-probs must then equal megatron's."""
 
 import json
-import sys
 
 import pytest
 import torch
@@ -64,19 +63,11 @@ def test_the_manifest_names_missing_and_unexpected_tensors():
         WeightReceiver(["a"]).receive(next(pack_buckets(tensors, 2**20)))
 
 
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-    sys.path.insert(0, str(WORKER.parents[2] / "tools"))
-    from make_tiny_checkpoint import make_checkpoint
-
-    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "hf")
-
-
 @pytest.mark.distributed
-def test_engine_log_probs_equal_megatron_after_sync(tmp_path, hf_dir):
+def test_engine_log_probs_equal_megatron_after_sync(tmp_path, tiny_hf_dir):
     out = tmp_path / "result.json"
     tp = 2  # each rank gathers the other's shards: the TP layout is really undone
-    torchrun(WORKER, tp, "--hf-dir", str(hf_dir), "--engine-dir", str(tmp_path / "engine"), "--tp", str(tp),
+    torchrun(WORKER, tp, "--hf-dir", str(tiny_hf_dir), "--engine-dir", str(tmp_path / "engine"), "--tp", str(tp),
              "--out", str(out))
     result = json.loads(out.read_text())
     assert result["sync"]["tensors"] == 57 and result["image_tokens"] == 12

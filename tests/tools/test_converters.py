@@ -9,6 +9,7 @@ import pickle
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -155,21 +156,22 @@ def test_existing_checkpoint_is_not_overwritten(converted, tmp_path):
         to_megatron("--hf-dir", hf_dir, "--out", tmp_path / "busy")
 
 
-def test_missing_shard_is_named(converted, tmp_path):
-    hf_dir, _ = converted
+def copy_with_first_shard(hf_dir: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """A copy of the HF directory to damage, and its first weight shard."""
     broken = tmp_path / "broken"
     shutil.copytree(hf_dir, broken)
-    shard = next(broken.glob("model-*.safetensors"))
+    return broken, next(broken.glob("model-*.safetensors"))
+
+
+def test_missing_shard_is_named(converted, tmp_path):
+    broken, shard = copy_with_first_shard(converted[0], tmp_path)
     shard.unlink()
     with pytest.raises(FileNotFoundError, match=shard.name):
         to_megatron("--hf-dir", broken, "--out", tmp_path / "out")
 
 
 def test_truncated_safetensors_is_named(converted, tmp_path):
-    hf_dir, _ = converted
-    broken = tmp_path / "broken"
-    shutil.copytree(hf_dir, broken)
-    shard = next(broken.glob("model-*.safetensors"))
+    broken, shard = copy_with_first_shard(converted[0], tmp_path)
     with open(shard, "r+b") as f:
         f.truncate(shard.stat().st_size // 2)
     with pytest.raises(ValueError, match=f"{shard.name}.*truncated or corrupt"):
