@@ -30,6 +30,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from megatron_ovr.rollout.vllm_engine import check_cpu_kernels
+
 __all__ = ["LogitDeltas", "compare", "format_comparison", "logit_deltas", "measure_throughput"]
 
 
@@ -84,6 +86,7 @@ def measure_throughput(model_dir: str | Path, prompts_file: str | Path, *, max_n
     from megatron_ovr.data.prompts import build_prompt
     from megatron_ovr.eval.benchmarks import load_benchmark
 
+    check_cpu_kernels(str(model_dir))
     if not torch.cuda.is_available():
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")

