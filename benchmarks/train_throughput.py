@@ -195,10 +195,10 @@ class PrebuiltModelTrainer(ModelTrainer):
         self.model = wrap_ddp(chunks, optimizer.distributed_optimizer)
         self.optimizer, self.scheduler = build_optimizer(self.model, optimizer, total_steps, dtype)
 
-    def _run_model(self, module, batch: dict):
+    def _run_model(self, module, batch: dict, head_mask):
         if self.causal_only:
             batch = {**batch, "segment_ids": None}
-        return super()._run_model(module, batch)
+        return super()._run_model(module, batch, head_mask)
 
 
 @dataclass

@@ -51,6 +51,10 @@ from .reward import build_reward
 
 ACTOR_LOSS_KEYS = ("action_mask", "old_log_probs", "advantages")
 CRITIC_LOSS_KEYS = ("action_mask", "old_values", "returns")
+# Both models run their heads only where a response token is scored: the rest of a packed row (prompts,
+# image tokens, padding) needs no log-probability or value, and the policy's head is a matmul and a softmax
+# over the whole vocabulary per position.
+HEAD_MASK = "action_mask"
 
 
 class PromptStream:
@@ -276,7 +280,7 @@ class PPODriver:
         for indices in split_into_minibatches(len(samples), steps):
             packed = self._pack([samples[i] for i in indices])
             microbatches = packed.with_per_token(**{k: v[indices] for k, v in per_token.items()})
-            results.append(trainer.train_step(microbatches, loss_fn, keys))
+            results.append(trainer.train_step(microbatches, loss_fn, keys, head_mask=HEAD_MASK))
         metrics = {k: float(np.mean([r.metrics[k] for r in results])) for k in results[0].metrics}
         metrics["grad_norm"] = float(np.mean([r.grad_norm for r in results if r.grad_norm is not None] or [np.nan]))
         metrics["lr"] = trainer.optimizer.param_groups[0]["lr"]
@@ -305,10 +309,12 @@ class PPODriver:
         packed = self._pack(samples)
         mask = packed.response_mask()
         with timed("old_logprob_values"):
-            actor_out = self.actor.forward_only(packed.microbatches, _log_probs_and_entropy, num_outputs=2)
+            actor_out = self.actor.forward_only(packed.microbatches, _log_probs_and_entropy, num_outputs=2,
+                                                head_mask=HEAD_MASK)
             old_log_probs = packed.to_samples([o[0] for o in actor_out])
             entropy = packed.to_samples([o[1] for o in actor_out])
-            values = packed.to_samples([o[0] for o in self.critic.forward_only(packed.microbatches, _values)])
+            values = packed.to_samples([o[0] for o in self.critic.forward_only(packed.microbatches, _values,
+                                                                                head_mask=HEAD_MASK)])
         dp_group = parallel_state.get_data_parallel_group()
         scores = torch.tensor([r.reward for r in rollouts])
         rewards = algorithms.final_token_rewards(scores, mask)

@@ -5,6 +5,10 @@ The SFT trainer owns one; the PPO driver owns two (actor and critic). Micro-batc
 sequence tensors of the model's forward contract (``tokens``, ``position_ids``, ``segment_ids``, optional
 ``pixel_values``/``image_grid_thw``, ``labels`` for the policy) plus per-token tensors ``[b, s]`` that the
 loss reads; the core hands the loss this context-parallel rank's slice of those.
+
+``head_mask`` (steps and forward-only passes) names a per-token micro-batch tensor: the output head then runs
+only where it is nonzero (``Qwen25VLModel.forward``), and the loss sees the per-token tensors and the model's
+output at those positions only, ``[1, n]``.
 """
 
 from __future__ import annotations
@@ -97,6 +101,8 @@ class StepResult:
     metrics: dict[str, float]
     """Every reported metric averaged over the step (``loss`` included)."""
     tokens: int
+    head_tokens: int
+    """The tokens the output head ran at (``tokens`` unless a ``head_mask`` chose fewer)."""
     finite: bool
     grad_norm: Optional[float]
 
@@ -135,12 +141,23 @@ class ModelTrainer:
 
     # ---- steps -------------------------------------------------------------------------------------
 
-    def _run_model(self, module, batch: dict):
+    def _run_model(self, module, batch: dict, head_mask: Optional[str]):
         labels = batch.get("labels") if self.head == "lm" else None
         return module(
             batch["tokens"], batch["position_ids"], batch["segment_ids"],
             batch.get("pixel_values"), batch.get("image_grid_thw"), labels=labels,
+            head_mask=batch[head_mask] != 0 if head_mask else None,
         )
+
+    @staticmethod
+    def _local(batch: dict, keys: Sequence[str], head_mask: Optional[str]) -> tuple[dict, Optional[torch.Tensor]]:
+        """This CP rank's slice of the per-token tensors ``keys`` (``[1, n]`` at the head's positions when
+        ``head_mask`` names one), and those positions (``[b, s/cp]`` bool) or None."""
+        local = {key: _cp_slice(batch[key]) for key in keys}
+        if not head_mask:
+            return local, None
+        rows = _cp_slice(batch[head_mask]) != 0
+        return {key: value[rows][None] for key, value in local.items()}, rows
 
     def _schedule(self, forward_step, microbatches: list[dict], **kwargs):
         """megatron's pipeline schedule over the micro-batches (one packed shape per call)."""
@@ -154,29 +171,35 @@ class ModelTrainer:
             **kwargs,
         )
 
-    def train_step(self, microbatches: list[dict], loss_fn: LossFn, loss_keys: Sequence[str]) -> StepResult:
+    def train_step(
+        self, microbatches: list[dict], loss_fn: LossFn, loss_keys: Sequence[str], *, head_mask: Optional[str] = None
+    ) -> StepResult:
         """One optimizer step over ``microbatches`` (this data-parallel rank's share of the global batch).
-        ``loss_keys``: the per-token tensors of each micro-batch that ``loss_fn`` reads."""
+        ``loss_keys``: the per-token tensors of each micro-batch that ``loss_fn`` reads; ``head_mask``: see the
+        module docstring."""
         for m in self.model:
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
 
         def forward_step(data_iterator, module):
             batch = _on_device(next(data_iterator))
-            local = {key: _cp_slice(batch[key]) for key in loss_keys}
-            return self._run_model(module, batch), lambda output: loss_fn(local, output)
+            local, _ = self._local(batch, loss_keys, head_mask)
+            return self._run_model(module, batch, head_mask), lambda output: loss_fn(local, output)
 
         reports = self._schedule(forward_step, microbatches, forward_only=False)
         names = sorted(reports[0]) if reports else []
-        # Per metric [sum, count], then the step's tokens, summed over micro-batches and data/context-parallel
-        # ranks (the last stage has them; the other stages contribute zeros through the model-parallel sum).
-        totals = torch.zeros(2 * len(self._metric_names(names)) + 1, device=platform.default_device())
+        # Per metric [sum, count], then the step's tokens and those the head ran at, summed over micro-batches
+        # and data/context-parallel ranks (the last stage has them; the other stages contribute zeros through
+        # the model-parallel sum).
+        totals = torch.zeros(2 * len(self._metric_names(names)) + 2, device=platform.default_device())
         if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
             tokens = sum(int((mb["segment_ids"] > 0).sum()) for mb in microbatches)
+            head_tokens = sum(int((mb[head_mask] != 0).sum()) for mb in microbatches) if head_mask else tokens
             # Every context-parallel rank reads the whole micro-batch: count its tokens once.
-            tokens /= parallel_state.get_context_parallel_world_size()
+            counts = torch.tensor([tokens, head_tokens], dtype=torch.float32)
+            counts /= parallel_state.get_context_parallel_world_size()
             sums = [torch.stack([r[name] for r in reports]).sum(0).float() for name in names]
-            totals = torch.cat(sums + [torch.tensor([tokens], dtype=torch.float32, device=sums[0].device)])
+            totals = torch.cat(sums + [counts.to(sums[0].device)])
             dist.all_reduce(totals, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
         names = self._metric_names(names)
         # Every rank agrees that loss and gradients are finite before anyone updates: a NaN is never
@@ -190,8 +213,9 @@ class ModelTrainer:
         # Pipeline stages other than the last learn the metrics from it.
         totals = self._from_last_stage(totals)
         metrics = {name: (totals[2 * i] / totals[2 * i + 1].clamp(min=1)).item() for i, name in enumerate(names)}
-        return StepResult(loss=metrics.get("loss", float("nan")), metrics=metrics, tokens=int(totals[-1].item()),
-                          finite=bool(finite.item()), grad_norm=grad_norm)
+        tokens, head_tokens = totals[-2:].tolist()
+        return StepResult(loss=metrics.get("loss", float("nan")), metrics=metrics, tokens=int(tokens),
+                          head_tokens=int(head_tokens), finite=bool(finite.item()), grad_norm=grad_norm)
 
     def _metric_names(self, names: list[str]) -> list[str]:
         """The last stage knows the loss's report keys; the others learn them once and remember them."""
@@ -219,18 +243,29 @@ class ModelTrainer:
         microbatches: list[dict],
         reduce_output: Callable[[torch.Tensor, dict], torch.Tensor],
         num_outputs: int = 1,
+        *,
+        head_mask: Optional[str] = None,
     ) -> list[torch.Tensor]:
         """Runs every micro-batch forward; returns, on EVERY rank of the model-parallel group, one tensor
         ``[num_outputs, b, s]`` per micro-batch. ``reduce_output(local_output, local_batch)`` maps this rank's
         output (logits ``[b, s/cp, V/tp]`` or values ``[b, s/cp]``) to ``[num_outputs, b, s/cp]`` (collectives
-        over TP are fine); ``local_batch`` holds this rank's CP slice of ``labels``. The core gathers the
-        result over CP and broadcasts it from the last pipeline stage."""
+        over TP are fine); ``local_batch`` holds this rank's CP slice of ``labels``. With ``head_mask`` (see the
+        module docstring) both are ``[1, n, ...]`` at the head's positions, and the result is zero elsewhere.
+        The core gathers the result over CP and broadcasts it from the last pipeline stage."""
+
+        def reduce_at_head_positions(output: torch.Tensor, local: dict, rows: Optional[torch.Tensor]):
+            reduced = reduce_output(output, local)
+            if rows is None:
+                return reduced
+            dense = reduced.new_zeros((num_outputs, *rows.shape))
+            dense[:, rows] = reduced[:, 0]
+            return dense
 
         def forward_step(data_iterator, module):
             batch = _on_device(next(data_iterator))
-            local = {"labels": _cp_slice(batch["labels"])}
-            return self._run_model(module, {**batch, "labels": None}), (
-                lambda output, non_loss_data=True: reduce_output(output, local)
+            local, rows = self._local(batch, ["labels"], head_mask)
+            return self._run_model(module, {**batch, "labels": None}, head_mask), (
+                lambda output, non_loss_data=True: reduce_at_head_positions(output, local, rows)
             )
 
         # megatron's inference path: the schedule hands back what the "loss" function returns.

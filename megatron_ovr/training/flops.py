@@ -4,8 +4,9 @@ are ignored, as in the usual MFU convention).
 Language model, per token and decoder layer, forward: QKV ``2 h (n_q + 2 n_kv) d``, attention output
 ``2 h h``, SwiGLU ``2 * 3 h f``, and attention scores plus weighted values ``2 * 2 s h`` with ``s`` the
 sequence length (the full square, though causal masking skips half: the convention Megatron and PaLM
-report). The LM head adds ``2 h V``. Every token of a row counts, image tokens included (they run through
-the decoder like text).
+report). The LM head adds ``2 h V`` per token it runs at (all of them, or the loss's tokens under a head
+mask). Every token of a row counts for the rest, image tokens included (they run through the decoder like
+text).
 
 Vision tower, per image (``t x h x w`` patches, ViT width ``c``, SwiGLU width ``g``), forward: the patch
 embedding ``2 P c`` per patch (``P`` = flattened patch width); per block and patch QKV ``2 c 3c``,
@@ -27,14 +28,24 @@ from megatron_ovr.config import Qwen25VLConfig, TextConfig, VisionConfig
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
 
 
+def lm_head_training_flops_per_token(text: TextConfig) -> float:
+    return 3.0 * 2 * text.hidden_size * text.vocab_size
+
+
 def lm_training_flops_per_token(text: TextConfig, seq_length: int) -> float:
+    """Decoder and LM head, per token."""
     h, d, f = text.hidden_size, text.head_dim, text.intermediate_size
     qkv = 2 * h * (text.num_attention_heads + 2 * text.num_key_value_heads) * d
     out = 2 * h * h
     mlp = 2 * 3 * h * f
     attention = 2 * 2 * seq_length * h
-    forward = text.num_layers * (qkv + out + mlp + attention) + 2 * h * text.vocab_size
-    return 3.0 * forward
+    return 3.0 * text.num_layers * (qkv + out + mlp + attention) + lm_head_training_flops_per_token(text)
+
+
+def lm_training_flops(text: TextConfig, seq_length: int, tokens: int, head_tokens: int) -> float:
+    """``tokens`` through the decoder, the LM head at ``head_tokens`` of them."""
+    head = lm_head_training_flops_per_token(text)
+    return tokens * (lm_training_flops_per_token(text, seq_length) - head) + head_tokens * head
 
 
 def _window_sides(length: int, window: int) -> list[int]:

@@ -17,7 +17,7 @@ from megatron_ovr.distributed import is_reporting_rank
 
 from . import checkpointing
 from .core import ModelTrainer, StepResult
-from .flops import lm_training_flops_per_token, peak_flops
+from .flops import lm_training_flops, peak_flops
 from .losses import masked_token_loss
 from .metrics import MetricsLogger
 from .preemption import SaveAndStopPolicy
@@ -28,7 +28,7 @@ class Trainer:
 
     def __init__(self, cfg: SFTConfig, data_loader, *, loss_fn: Callable = masked_token_loss):
         """``loss_fn(per_token, per_token_loss) -> (sum, count, report)`` reads ``per_token["loss_mask"]``
-        (see ``losses``)."""
+        (see ``losses``); both arrive at the loss mask's tokens only, ``[1, n]`` (the head runs there alone)."""
         self.cfg = cfg
         self.loss_fn = loss_fn
         self.core = ModelTrainer(cfg.model, cfg.parallel, cfg.optimizer, cfg.train_steps, seed=cfg.seed)
@@ -57,7 +57,8 @@ class Trainer:
                                          exit_after=cfg.exit_after_steps, first=self.step, unit="step")
 
     def train_step(self, microbatches: list[dict]) -> StepResult:
-        return self.core.train_step(microbatches, self.loss_fn, loss_keys=("loss_mask",))
+        # The head runs at the loss's tokens only: prompts and padding need no logits.
+        return self.core.train_step(microbatches, self.loss_fn, loss_keys=("loss_mask",), head_mask="loss_mask")
 
     def _step_metrics(self, result: StepResult, elapsed: float) -> dict[str, float]:
         metrics = {
@@ -71,7 +72,7 @@ class Trainer:
         }
         peak = peak_flops(torch.cuda.get_device_name()) if platform.HAVE_CUDA else None
         if peak is not None:
-            flops = result.tokens * lm_training_flops_per_token(self.model_cfg.text, self.cfg.data.seq_length)
+            flops = lm_training_flops(self.model_cfg.text, self.cfg.data.seq_length, result.tokens, result.head_tokens)
             metrics["mfu"] = flops / elapsed / (peak * dist.get_world_size())
         return metrics
 

@@ -5,6 +5,9 @@ layout, then — through megatron's real pipeline schedule, DDP and ``finalize_m
 (1) full logits, (2) the gradient of a fixed loss, (3) the HF export of the weights. The last stage saves
 logits and loss, global rank 0 the exported gradients and weights, for the test to compare with the
 single-process HF result.
+
+``--head value`` runs the PPO critic instead (the trunk from HF, a seeded value head): its loss is the mean
+value over real tokens, and there are no logits to save.
 """
 
 import argparse
@@ -19,7 +22,8 @@ from megatron_ovr.distributed import init_distributed, shutdown_distributed
 from megatron_ovr.mapping import export_hf_weights, load_hf_weights
 from megatron_ovr.models.qwen2_5_vl import reference
 from megatron_ovr.models.qwen2_5_vl.inference import forward_logits
-from megatron_ovr.models.qwen2_5_vl.model import build_model_chunks
+from megatron_ovr.mapping.qwen2_5_vl import VALUE_HEAD_HF_NAME
+from megatron_ovr.models.qwen2_5_vl.model import build_model_chunks, init_value_head
 from megatron_ovr.parallel.context_parallel import split_for_context_parallel
 from megatron_ovr.training.core import wrap_ddp
 from tiny_configs import layout_config
@@ -27,6 +31,7 @@ from tiny_configs import layout_config
 # Two rows, text and images of different sizes, right padding; length a multiple of 2 * cp * tp.
 BATCH_ROWS = [[6, (1, 4, 6), 5, (1, 6, 10), 3], [4, (1, 8, 8), 9]]
 PAD_TO = 96
+VALUE_HEAD_SEED = 3
 
 
 def parity_batch(cfg):
@@ -43,8 +48,9 @@ def run(args) -> None:
     init_distributed(parallel)
     cfg = layout_config()
     hf_weights = reference.hf_state_dict(reference.build_hf_model(cfg, seed=0))
-    chunks = build_model_chunks(cfg, parallel)
-    load_hf_weights(chunks, cfg, hf_weights.__getitem__)
+    chunks = build_model_chunks(cfg, parallel, head=args.head)
+    load_hf_weights(chunks, cfg, hf_weights.__getitem__, keep=[VALUE_HEAD_HF_NAME])
+    init_value_head(chunks, seed=VALUE_HEAD_SEED)
     model = wrap_ddp(chunks, distributed_optimizer=False)
 
     batch, labels = parity_batch(cfg)
@@ -59,19 +65,26 @@ def run(args) -> None:
         for i in range(first_row, first_row + rows_per_dp, rows_per_mb)
     ]
     cp_rank = parallel_state.get_context_parallel_rank()
-    logits_parts = [forward_logits(chunks, mb, PAD_TO) for mb, _ in microbatches]
+    critic = args.head == "value"
+    logits_parts = [] if critic else [forward_logits(chunks, mb, PAD_TO) for mb, _ in microbatches]
     loss_parts = []
 
     def forward_step(data_iterator, module):
         mb, mb_labels = next(data_iterator)
-        output = module(mb.input_ids, mb.position_ids, mb.segment_ids, mb.pixel_values, mb.image_grid_thw, labels=mb_labels)
+        # --head-mask: the output head runs at the loss's tokens only, and returns their losses alone.
+        head_mask = mb.attention_mask if args.head_mask else None
+        output = module(mb.input_ids, mb.position_ids, mb.segment_ids, mb.pixel_values, mb.image_grid_thw,
+                        labels=None if critic else mb_labels, head_mask=head_mask)
 
         def loss_func(output_tensor):
             # Each rank returns its part of the full-batch token mean. megatron's DDP sums gradients over
             # context-parallel ranks but averages over data-parallel ones, and the schedule divides each
             # micro-batch loss by the number of micro-batches: undo both averages.
-            local_mask = split_for_context_parallel(mb.attention_mask.float(), 1, cp_rank, args.cp)
-            local_sum = (output_tensor * local_mask).sum()
+            if head_mask is None:
+                local_mask = split_for_context_parallel(mb.attention_mask.float(), 1, cp_rank, args.cp)
+                local_sum = (output_tensor * local_mask).sum()
+            else:
+                local_sum = output_tensor.sum()
             loss_parts.append(local_sum.detach())
             return local_sum / num_tokens * args.microbatches * dp_size, {}
 
@@ -92,11 +105,14 @@ def run(args) -> None:
     if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         loss_sum = torch.stack(loss_parts).sum()
         dist.all_reduce(loss_sum, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
-        logits = torch.cat(logits_parts, dim=0)
-        all_logits = [torch.empty_like(logits) for _ in range(dp_size)]
-        dist.all_gather(all_logits, logits, group=parallel_state.get_data_parallel_group())
+        result = {"loss": loss_sum / num_tokens}
+        if not critic:
+            logits = torch.cat(logits_parts, dim=0)
+            all_logits = [torch.empty_like(logits) for _ in range(dp_size)]
+            dist.all_gather(all_logits, logits, group=parallel_state.get_data_parallel_group())
+            result["logits"] = torch.cat(all_logits, dim=0)
         if parallel_state.get_tensor_model_parallel_rank() == 0 and cp_rank == 0 and dp_rank == 0:
-            torch.save({"logits": torch.cat(all_logits, dim=0), "loss": loss_sum / num_tokens}, args.out + ".last")
+            torch.save(result, args.out + ".last")
     if dist.get_rank() == 0:
         torch.save({"grads": grads, "weights": weights}, args.out)
     dist.barrier()
@@ -110,6 +126,8 @@ if __name__ == "__main__":
     parser.add_argument("--cp", type=int, default=1)
     parser.add_argument("--vp", type=int, default=None)
     parser.add_argument("--sp", action="store_true")
+    parser.add_argument("--head-mask", action="store_true")
+    parser.add_argument("--head", choices=["lm", "value"], default="lm")
     parser.add_argument("--microbatches", type=int, default=1)
     parser.add_argument("--out", required=True)
     run(parser.parse_args())

@@ -13,6 +13,7 @@ from megatron_ovr.config import ParallelConfig
 from megatron_ovr.config.sft import ModelSection, OptimizerSection
 from megatron_ovr.data.tokenizer import qwen_tokenizer_dir
 from megatron_ovr.distributed import init_distributed, shutdown_distributed
+from megatron_ovr.rl.driver import HEAD_MASK
 from megatron_ovr.rl.experience import Sample, pack_samples, token_log_probs_and_entropy
 from megatron_ovr.rollout import RolloutRequest, SamplingSettings, build_engine
 from megatron_ovr.rollout.model_dir import ImageProcessor, write_engine_dir
@@ -68,6 +69,7 @@ def main() -> None:
         packed.microbatches,
         lambda logits, local: torch.stack(token_log_probs_and_entropy(logits, local["labels"])),
         num_outputs=2,
+        head_mask=HEAD_MASK,  # as the PPO driver runs it
     )
     megatron_log_probs = packed.to_samples([r[0] for r in rows])
     if dist.get_rank() == 0:

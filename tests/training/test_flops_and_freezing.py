@@ -5,7 +5,7 @@ import pytest
 
 from megatron_ovr.config import ParallelConfig, get_preset
 from megatron_ovr.config.sft import ModelSection
-from megatron_ovr.training.flops import lm_training_flops_per_token, peak_flops
+from megatron_ovr.training.flops import lm_training_flops, lm_training_flops_per_token, peak_flops
 from megatron_ovr.training.core import build_model
 
 
@@ -18,6 +18,13 @@ def test_flops_count_the_models_matmuls(single_rank_megatron):
     seq = 512
     attention = cfg.text.num_layers * 2 * 2 * seq * cfg.text.hidden_size
     assert lm_training_flops_per_token(cfg.text, seq) == 3 * (2 * matmul_weights + attention)
+
+
+def test_head_flops_count_only_the_tokens_the_head_ran_at():
+    text = get_preset("tiny").text
+    per_token, head = lm_training_flops_per_token(text, 512), 3 * 2 * text.hidden_size * text.vocab_size
+    assert lm_training_flops(text, 512, tokens=100, head_tokens=100) == 100 * per_token
+    assert lm_training_flops(text, 512, tokens=100, head_tokens=30) == 100 * per_token - 70 * head
 
 
 def test_peak_flops_lookup():

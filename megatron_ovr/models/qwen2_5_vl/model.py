@@ -8,13 +8,21 @@ context-parallel rank's load-balanced chunks (``parallel.context_parallel``) and
 parallelism, this TP rank's slice. The output (logits ``[b, s/cp, V/tp]`` or per-token loss ``[b, s/cp]``)
 covers the local chunks: split loss masks with ``split_for_context_parallel`` to match.
 
+``head_mask`` ``[b, s]`` (bool, full sequence like the rest) runs the output head only where it is True: the
+output is then ``[1, n]`` (per-token loss, or values) or ``[1, n, V/tp]`` (logits) for this rank's ``n``
+selected positions, in the order of ``local_mask.nonzero()`` over the local ``[b, s/cp]`` mask (scatter back
+with ``dense[local_mask] = output[0]``). PPO needs log-probabilities at response tokens only; the LM head and
+its softmax over the vocabulary are the model's largest per-token cost on small models and its largest
+activation on long sequences.
+
 ``head="value"`` builds the PPO critic: the same trunk with a scalar value head in place of the LM output
 layer; its output is per-token values ``[b, s/cp]``.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -198,7 +206,9 @@ class ValueHead(torch.nn.Module):
     """The critic's head, in the place of GPTModel's output layer (so megatron's post-processing, pipeline
     bookkeeping and checkpoint keys stay those of the LM): hidden ``[s, b, h]`` -> values ``[s, b, 1]``.
     One ``[1, h]`` weight, no bias, replicated over TP; with sequence parallelism the hidden states are
-    gathered first (what the output layer would have done)."""
+    gathered first (what the output layer would have done). Every TP rank then computes the same values and
+    the same loss, so the gradient of each rank's sequence slice is its slice of the full one: the gather's
+    backward splits (a reduce-scatter, right for the vocab-parallel LM head, would count it tp times)."""
 
     def __init__(self, config: TransformerConfig, dtype: torch.dtype):
         super().__init__()
@@ -207,7 +217,7 @@ class ValueHead(torch.nn.Module):
 
     def forward(self, hidden: torch.Tensor, weight=None, runtime_gather_output=None):
         if self.sequence_parallel:
-            hidden = tensor_parallel.gather_from_sequence_parallel_region(hidden)
+            hidden = tensor_parallel.gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
         return F.linear(hidden, self.weight), None
 
 
@@ -240,6 +250,45 @@ def scatter_image_embeddings(
     filled = batch_first.masked_scatter(slots[..., None], image_embeddings.to(batch_first.dtype))
     # Contiguous in [s, b, h]: layers keep their input's strides, and pipeline sends need contiguous tensors.
     return filled.transpose(0, 1).contiguous()
+
+
+class LanguageModel(GPTModel):
+    """megatron's ``GPTModel`` whose output head can run at selected positions only (``head_at``).
+
+    The selection sits between the decoder (whose output is already final-normed) and megatron's own
+    post-processing, so the head, the loss and weight tying stay megatron's. With sequence parallelism the
+    hidden states are gathered here and the head runs without its own gather, as megatron-core's dynamic
+    inference does for last-token logits."""
+
+    _head_rows: Optional[torch.Tensor] = None
+
+    @contextmanager
+    def head_at(self, rows: Optional[torch.Tensor]) -> Iterator[None]:
+        """Within the block, forward passes run the head only where ``rows`` (``[b, s_local]`` bool) is True."""
+        self._head_rows = rows
+        try:
+            yield
+        finally:
+            self._head_rows = None
+
+    def _postprocess(self, hidden_states, **kwargs):
+        rows = self._head_rows
+        if rows is None or not self.post_process:
+            return super()._postprocess(hidden_states=hidden_states, **kwargs)
+        head = self.output_layer
+        sequence_parallel = head.sequence_parallel
+        if sequence_parallel:
+            # Backward splits the gradient: the head's input gradient is already summed over TP (the LM head's
+            # own all-reduce) or identical on every TP rank (the replicated value head).
+            hidden_states = tensor_parallel.gather_from_sequence_parallel_region(
+                hidden_states, tensor_parallel_output_grad=False
+            )
+        hidden_states = hidden_states.transpose(0, 1)[rows.to(hidden_states.device)][:, None]  # [n, 1, h]
+        head.sequence_parallel = False
+        try:
+            return super()._postprocess(hidden_states=hidden_states, **kwargs)
+        finally:
+            head.sequence_parallel = sequence_parallel
 
 
 class Qwen25VLModel(MegatronModule):
@@ -275,7 +324,7 @@ class Qwen25VLModel(MegatronModule):
         self.pre_process = pre_process
         self.post_process = post_process
         self.vision = Qwen25VisionModel(cfg, parallel, dtype, self.backend) if pre_process else None
-        self.language_model = GPTModel(
+        self.language_model = LanguageModel(
             config=lm_config,
             transformer_layer_spec=specs.language_block_spec(self.backend, lm_config, vp_stage),
             vocab_size=cfg.text.vocab_size,
@@ -310,6 +359,7 @@ class Qwen25VLModel(MegatronModule):
         pixel_values: Optional[torch.Tensor] = None,
         image_grid_thw: Optional[torch.Tensor] = None,
         labels: Optional[torch.Tensor] = None,
+        head_mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         cp_size = self.config.context_parallel_size
         cp_rank = parallel_state.get_context_parallel_rank() if cp_size > 1 else 0
@@ -329,13 +379,18 @@ class Qwen25VLModel(MegatronModule):
             if self.head == "value":
                 raise ValueError("the value model takes no labels: it returns per-token values")
             labels = split_for_context_parallel(labels, 1, cp_rank, cp_size)
-        output = self.language_model(
-            input_ids=None,
-            position_ids=position_ids,
-            attention_mask=attention_mask,
-            decoder_input=decoder_input,
-            labels=labels,
-        )
+        if head_mask is not None:
+            head_mask = split_for_context_parallel(head_mask.bool(), 1, cp_rank, cp_size)
+            if labels is not None:
+                labels = labels[head_mask][None]
+        with self.language_model.head_at(head_mask):
+            output = self.language_model(
+                input_ids=None,
+                position_ids=position_ids,
+                attention_mask=attention_mask,
+                decoder_input=decoder_input,
+                labels=labels,
+            )
         if self.head == "value" and self.post_process:
             return output.squeeze(-1)  # [b, s/cp, 1] -> [b, s/cp]
         return output
