@@ -21,5 +21,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	PATH=$(abspath $(VENV))/bin:$$PATH bash examples/tiny_default.sh
 
+# Two workers, one test module each at a time (its module fixtures built once): much of the suite is process
+# start-up and single-process runs that leave the second core idle.
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile

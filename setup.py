@@ -32,6 +32,6 @@ setup(
         "quant": ["nvidia-modelopt[hf]==0.47.0"],
         # SentencePiece tokenizer specs (megatron_ovr/data/tokenizer.py; protobuf reads the model proto).
         "sentencepiece": ["sentencepiece>=0.2", "protobuf"],
-        "test": ["pytest>=8", "pytest-timeout"],
+        "test": ["pytest>=8", "pytest-timeout", "pytest-xdist"],
     },
 )

@@ -34,7 +34,9 @@ def empty_slurm_conf(tmp_path_factory):
 
 
 def no_cluster_env() -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    """No allocation: no SLURM variables, and no rendezvous address (the dry run would show an inherited
+    MASTER_ADDR, which in-process tests export when they set up their process group)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in ("MASTER_ADDR", "MASTER_PORT")}
     env["SLURM_CONF"] = _EMPTY_CONF[0]
     return env
 

@@ -46,14 +46,18 @@ def hf_dir(tmp_path_factory):
     return str(make_checkpoint(tmp_path_factory.mktemp("hf") / "tiny", "tiny", seed=0))
 
 
-def write_config(tmp_path: Path, data_prefix: str, hf_dir: str, name: str = "run", **top) -> Path:
+def write_config(tmp_path: Path, data_prefix: str, hf_dir: str, name: str = "run", *, checkpoints: bool = False,
+                 **top) -> Path:
+    """A tiny SFT run's config; ``checkpoints``: save them (the tiny model's full-vocabulary embedding and output
+    layer make each save ~600 MB with optimizer state, several seconds: only the tests about them save)."""
     run = tmp_path / name
     cfg = SFTConfig(
         model=ModelSection(preset=None, hf_dir=hf_dir),
         data=DataSection(paths=[data_prefix], seq_length=128, packed=True, seed=7),
         batch=BatchSection(global_batch_size=4, micro_batch_size=2),
         optimizer=OptimizerSection(lr=2e-3, min_lr=2e-4, warmup_steps=top.pop("warmup_steps", 2), decay_style="cosine"),
-        checkpoint=CheckpointSection(dir=str(run / "ckpt"), save_interval=top.pop("save_interval", 0)),
+        checkpoint=CheckpointSection(dir=str(run / "ckpt") if checkpoints else None,
+                                     save_interval=top.pop("save_interval", 0)),
         logging=LoggingSection(metrics_path=str(run / "metrics.jsonl"), plot_path=str(run / "loss.png")),
         train_steps=top.pop("train_steps", 4),
         **top,
@@ -71,8 +75,11 @@ def history(config: Path) -> list[dict]:
 
 def python_worker(config: Path, *args: str) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(REPO), MASTER_PORT=str(_port()), OMP_NUM_THREADS="1")
+    # Its own session: a kill takes its whole process group, as a node failure would (the checkpoint writer's
+    # helper processes too, which would otherwise outlive the test).
     return subprocess.Popen([sys.executable, str(WORKER), "--config", str(config), *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+                            start_new_session=True)
 
 
 def _port() -> int:
@@ -116,9 +123,10 @@ def test_layout_matches_single_process(tmp_path, data_prefix, hf_dir, single_pro
 
 
 def test_resume_is_bit_identical(tmp_path, data_prefix, hf_dir):
-    straight = write_config(tmp_path, data_prefix, hf_dir, "straight", train_steps=6, save_interval=3)
+    straight = write_config(tmp_path, data_prefix, hf_dir, "straight", train_steps=6)  # no saves to perturb it
     torchrun(WORKER, 2, "--config", str(straight))
-    interrupted = write_config(tmp_path, data_prefix, hf_dir, "interrupted", train_steps=6, save_interval=3)
+    interrupted = write_config(tmp_path, data_prefix, hf_dir, "interrupted", checkpoints=True, train_steps=6,
+                               save_interval=3)
     torchrun(WORKER, 2, "--config", str(interrupted), "--set", "exit_after_steps=3")
     torchrun(WORKER, 2, "--config", str(interrupted))
     expected = [(h["step"], h["loss"], h["grad_norm"]) for h in history(straight)]
@@ -133,13 +141,13 @@ def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 240) -> None:
         if proc.poll() is not None:
             raise AssertionError(f"worker exited early ({proc.returncode}):\n{proc.stdout.read()[-4000:]}")
         if time.time() > deadline:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
             raise AssertionError("timed out")
         time.sleep(0.05)
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path, data_prefix, hf_dir):
-    config = write_config(tmp_path, data_prefix, hf_dir, train_steps=1000)
+    config = write_config(tmp_path, data_prefix, hf_dir, checkpoints=True, train_steps=1000)
     proc = python_worker(config)
     metrics = tmp_path / "run" / "metrics.jsonl"
     _wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 2, proc)
@@ -153,16 +161,16 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path, data_prefix, hf_dir
 
 
 def test_kill_during_save_keeps_the_last_good_checkpoint(tmp_path, data_prefix, hf_dir):
-    config = write_config(tmp_path, data_prefix, hf_dir, train_steps=1000, save_interval=1)
+    config = write_config(tmp_path, data_prefix, hf_dir, checkpoints=True, train_steps=1000, save_interval=1)
     ckpt = tmp_path / "run" / "ckpt"
     proc = python_worker(config)
     # Wait until one checkpoint is complete and the next save is under way, then kill -9.
     _wait_for(lambda: (ckpt / "latest").exists() and any(ckpt.glob("*.partial")), proc)
-    proc.kill()
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     good = latest_step(ckpt)
     assert good is not None and any(ckpt.glob("*.partial"))
-    resumed = write_config(tmp_path, data_prefix, hf_dir, train_steps=good + 2, save_interval=1)
+    resumed = write_config(tmp_path, data_prefix, hf_dir, checkpoints=True, train_steps=good + 2, save_interval=1)
     torchrun(WORKER, 1, "--config", str(resumed))
     steps = [h["step"] for h in history(resumed)]
     assert steps[-2:] == [good + 1, good + 2]
