@@ -4,9 +4,11 @@
 # Here, once (downloads the Python 3.12 megatron-core wheel the device lacks into .whl/, git-ignored):
 #   bash benchmarks/gpu_session.sh prepare
 # Then, with the device tool (each call <= 10 min; every step has its own time limit, and what a call wrote
-# under $OUT comes back even if it is cut off):
-#   run(command="bash benchmarks/gpu_session.sh probe tests train", carry=[".whl"], timeout_s=600)
-#   run(command="bash benchmarks/gpu_session.sh sync train-packed", carry=[".whl"], timeout_s=600)
+# under $OUT comes back even if it is cut off). A session has 15 device minutes in all, start-up included, so
+# the first call holds what the issue must show, in order of need (limits sum to ~9 min):
+#   run(command="bash benchmarks/gpu_session.sh tests train4k sync", carry=[".whl"], timeout_s=600)
+# and, only if status still shows >= 5 minutes, on the warm machine:
+#   run(command="bash benchmarks/gpu_session.sh train8k probe train-packed", carry=[".whl"], timeout_s=...)
 # Results come back under the reply's files_at: copy its *.json into benchmarks/results/ (named
 # <benchmark>_<device>_<shape>_<date>.json) and keep session.log with your notes; then fill the README
 # "Performance" table from them.
@@ -15,9 +17,9 @@
 #   probe         versions, the GPU, and which attention kernels (SDPA backends, varlen flash) take the
 #                 model's three attention shapes, and how fast
 #   tests         pytest -m gpu: bf16 vs fp32 training, FP8 vs BF16 (TE only), TE spec vs torch spec (TE only)
-#   train         train_throughput.py at 7B widths, 4 LM layers, full ViT: seq 4096, then 8192 (text + image,
-#                 bf16, --fp8 which reports "skipped" without TE); each run writes its own JSON, so an
-#                 out-of-memory at 8k keeps the 4k result
+#   train4k/8k    train_throughput.py at 7B widths, 4 LM layers, full ViT: seq 4096 resp. 8192 (text + image,
+#                 bf16, --fp8 which reports "skipped" without TE); each run writes its own JSON
+#   train         both
 #   train-packed  megatron-ovr alone at seq 8192 with the segment-id mask packed SFT rows need (the masked
 #                 SDPA kernel instead of flash), to price that path
 #   sync          weight_sync.py: the whole 7B (28 layers, full ViT) in bf16 into the copy engine, buckets
@@ -131,9 +133,17 @@ tests() {
 THROUGHPUT=(python3 benchmarks/train_throughput.py --preset 7b --layers 4 --micro-batch 1 --microbatches 4
             --images 1 --image-size 896 --steps 5 --warmup 2 --dtype bf16)
 
-train() {
+train4k() {
   step 200 "${THROUGHPUT[@]}" --seq 4096 --fp8 --out "$OUT"
+}
+
+train8k() {
   step 260 "${THROUGHPUT[@]}" --seq 8192 --fp8 --out "$OUT"
+}
+
+train() {
+  train4k
+  train8k
 }
 
 train-packed() {
@@ -141,15 +151,15 @@ train-packed() {
 }
 
 sync() {
-  step 300 python3 benchmarks/weight_sync.py --preset 7b --dtype bf16 --engine copy --bucket-mb 128 512 2048 \
-    --repeats 5 --warmup 1 --out "$OUT"
+  step 180 python3 benchmarks/weight_sync.py --preset 7b --dtype bf16 --engine copy --bucket-mb 128 512 2048 \
+    --repeats 3 --warmup 1 --out "$OUT"
 }
 
 [ $# -gt 0 ] || { sed -n '2,24p' "$0"; exit 2; }
 for stage in "$@"; do
   case $stage in
     prepare) prepare ;;
-    probe|tests|train|train-packed|sync) device_setup; "$stage" ;;
-    *) echo "unknown stage $stage (prepare, probe, tests, train, train-packed, sync)"; exit 2 ;;
+    probe|tests|train|train4k|train8k|train-packed|sync) device_setup; "$stage" ;;
+    *) echo "unknown stage $stage (prepare, probe, tests, train, train4k, train8k, train-packed, sync)"; exit 2 ;;
   esac
 done
