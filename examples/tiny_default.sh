@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The embedded tiny default: the whole Open Vision Reasoner recipe on the tiny Qwen2.5-VL, on CPU, in about
-# 12 minutes on 2 cores. Every stage is the real component the 7B recipe runs (torchrun, megatron-core,
+# 11 minutes on 2 cores. Every stage is the real component the 7B recipe runs (torchrun, megatron-core,
 # the vLLM rollout engine, the math-verify reward); only the sizes are tiny:
 #   1. synthetic data: language-only reasoning conversations (the cold-start data, trained with the recipe's
 #      system prompt), PPO prompts over drawn images, held-out drawn and text questions for evaluation;
