@@ -130,11 +130,15 @@ def critic_loss(value_clip: Optional[float]):
     return loss_fn
 
 
-def _log_probs_and_entropy(logits: torch.Tensor, local: dict) -> torch.Tensor:
+# ---- what the forward-only passes keep of each model's output (training.core.ModelTrainer.forward_only) ------
+
+def reduce_log_probs_and_entropy(logits: torch.Tensor, local: dict) -> torch.Tensor:
+    """The actor's ``[2, ...]``: log p(sampled token) and the entropy of the next-token distribution."""
     return torch.stack(token_log_probs_and_entropy(logits, local["labels"]))
 
 
-def _values(values: torch.Tensor, local: dict) -> torch.Tensor:
+def reduce_values(values: torch.Tensor, local: dict) -> torch.Tensor:
+    """The critic's ``[1, ...]``: its values."""
     return values[None]
 
 
@@ -309,11 +313,11 @@ class PPODriver:
         packed = self._pack(samples)
         mask = packed.response_mask()
         with timed("old_logprob_values"):
-            actor_out = self.actor.forward_only(packed.microbatches, _log_probs_and_entropy, num_outputs=2,
+            actor_out = self.actor.forward_only(packed.microbatches, reduce_log_probs_and_entropy, num_outputs=2,
                                                 head_mask=HEAD_MASK)
             old_log_probs = packed.to_samples([o[0] for o in actor_out])
             entropy = packed.to_samples([o[1] for o in actor_out])
-            values = packed.to_samples([o[0] for o in self.critic.forward_only(packed.microbatches, _values,
+            values = packed.to_samples([o[0] for o in self.critic.forward_only(packed.microbatches, reduce_values,
                                                                                 head_mask=HEAD_MASK)])
         dp_group = parallel_state.get_data_parallel_group()
         scores = torch.tensor([r.reward for r in rollouts])

@@ -20,9 +20,9 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron_ovr.config import ParallelConfig
 from megatron_ovr.distributed import init_distributed, shutdown_distributed
 from megatron_ovr.mapping import export_hf_weights, load_hf_weights
+from megatron_ovr.mapping.qwen2_5_vl import VALUE_HEAD_HF_NAME
 from megatron_ovr.models.qwen2_5_vl import reference
 from megatron_ovr.models.qwen2_5_vl.inference import forward_logits
-from megatron_ovr.mapping.qwen2_5_vl import VALUE_HEAD_HF_NAME
 from megatron_ovr.models.qwen2_5_vl.model import build_model_chunks, init_value_head
 from megatron_ovr.parallel.context_parallel import split_for_context_parallel
 from megatron_ovr.training.core import wrap_ddp

@@ -13,8 +13,8 @@ from megatron_ovr.config import ParallelConfig
 from megatron_ovr.config.sft import ModelSection, OptimizerSection
 from megatron_ovr.data.tokenizer import qwen_tokenizer_dir
 from megatron_ovr.distributed import init_distributed, shutdown_distributed
-from megatron_ovr.rl.driver import HEAD_MASK
-from megatron_ovr.rl.experience import Sample, pack_samples, token_log_probs_and_entropy
+from megatron_ovr.rl.driver import HEAD_MASK, reduce_log_probs_and_entropy
+from megatron_ovr.rl.experience import Sample, pack_samples
 from megatron_ovr.rollout import RolloutRequest, SamplingSettings, build_engine
 from megatron_ovr.rollout.model_dir import ImageProcessor, write_engine_dir
 from megatron_ovr.rollout.weight_sync import sync_weights
@@ -67,7 +67,7 @@ def main() -> None:
     packed = pack_samples(samples, row_length=256, cfg=cfg, pad_id=cfg.bos_token_id)
     rows = actor.forward_only(
         packed.microbatches,
-        lambda logits, local: torch.stack(token_log_probs_and_entropy(logits, local["labels"])),
+        reduce_log_probs_and_entropy,
         num_outputs=2,
         head_mask=HEAD_MASK,  # as the PPO driver runs it
     )

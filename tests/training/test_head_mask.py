@@ -8,7 +8,8 @@ import torch
 
 from megatron_ovr.config import ParallelConfig
 from megatron_ovr.config.sft import ModelSection, OptimizerSection
-from megatron_ovr.rl.experience import Sample, pack_samples, token_log_probs_and_entropy
+from megatron_ovr.rl.driver import reduce_log_probs_and_entropy, reduce_values
+from megatron_ovr.rl.experience import Sample, pack_samples
 from megatron_ovr.training.core import ModelTrainer
 from megatron_ovr.training.losses import masked_token_loss
 
@@ -20,20 +21,12 @@ def packed_rollouts(cfg):
     return pack_samples(samples, 20, cfg, pad_id=cfg.bos_token_id)
 
 
-def log_probs_and_entropy(logits, local):
-    return torch.stack(token_log_probs_and_entropy(logits, local["labels"]))
-
-
-def values(output, local):
-    return output[None]
-
-
 @pytest.mark.parametrize("head", ["lm", "value"])
 def test_forward_only_at_the_head_mask_equals_the_full_head(single_rank_megatron, tiny_hf_dir, head):
     trainer = ModelTrainer(ModelSection(hf_dir=str(tiny_hf_dir)), ParallelConfig(), OptimizerSection(),
                            total_steps=1, head=head, seed=0)
     packed = packed_rollouts(trainer.model_cfg)
-    reduce, outputs = (log_probs_and_entropy, 2) if head == "lm" else (values, 1)
+    reduce, outputs = (reduce_log_probs_and_entropy, 2) if head == "lm" else (reduce_values, 1)
     full = trainer.forward_only(packed.microbatches, reduce, num_outputs=outputs)
     selected = trainer.forward_only(packed.microbatches, reduce, num_outputs=outputs, head_mask="action_mask")
     for batch, dense, sparse in zip(packed.microbatches, full, selected):
